@@ -1,0 +1,273 @@
+"""Architecture adapters: where each model family keeps its gated FFN.
+
+The rest of the library never names a model family. It asks this module, for a
+loaded model, for the decoder layers and, in each, the module whose output is
+``f(W_gate x)`` (the activation that decides whether a neuron *fired*) and the
+FFN weight matrices.
+
+Adding a family is one entry in :data:`FAMILIES`. Models of unknown families
+are handled by introspection (:func:`_infer_spec`) when their FFN uses any of
+the usual names; a model without a gated FFN gets an error naming what was found.
+
+Example:
+    >>> from layerselect.arch import get_adapter
+    >>> adapter = get_adapter(model)                     # doctest: +SKIP
+    >>> adapter.num_layers, adapter.intermediate_size    # doctest: +SKIP
+    (18, 2048)
+    >>> adapter.parameter_names(3, ["up", "down"])       # doctest: +SKIP
+    ['model.layers.3.mlp.up_proj.weight', 'model.layers.3.mlp.down_proj.weight']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from .errors import InvalidInputError, UnsupportedArchitectureError
+
+__all__ = ["FFNSpec", "FFN", "ModelAdapter", "FAMILIES", "ROLES", "get_adapter", "unwrap_model"]
+
+#: Canonical names of the FFN matrices, whatever a family calls them.
+ROLES: tuple[str, ...] = ("gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class FFNSpec:
+    """Attribute names of a family's gated FFN, relative to one decoder layer.
+
+    ``gate_up`` is set for families that fuse the gate and up projections into
+    one matrix (gate rows first, as in Phi-3); ``gate``/``up`` are then None.
+    """
+
+    mlp: str = "mlp"
+    act: str = "act_fn"
+    gate: str | None = "gate_proj"
+    up: str | None = "up_proj"
+    down: str = "down_proj"
+    gate_up: str | None = None
+
+    @property
+    def fused(self) -> bool:
+        return self.gate_up is not None
+
+
+_LLAMA_STYLE = FFNSpec()
+
+#: model_type -> FFN layout. Llama-style families all share one layout; the
+#: table still lists them so that "supported" is explicit and greppable.
+FAMILIES: dict[str, FFNSpec] = {
+    "llama": _LLAMA_STYLE,
+    "mistral": _LLAMA_STYLE,
+    "qwen2": _LLAMA_STYLE,
+    "qwen3": _LLAMA_STYLE,
+    "gemma": _LLAMA_STYLE,
+    "gemma2": _LLAMA_STYLE,
+    "gemma3": _LLAMA_STYLE,
+    "gemma3_text": _LLAMA_STYLE,
+    "phi3": FFNSpec(act="activation_fn", gate=None, up=None, gate_up="gate_up_proj"),
+}
+
+# Where decoder layers live, tried in order (CausalLM, multimodal wrappers, bare models).
+_LAYER_PATHS: tuple[str, ...] = (
+    "model.layers",
+    "model.language_model.layers",
+    "language_model.model.layers",
+    "language_model.layers",
+    "layers",
+)
+
+# Name candidates for the introspection fallback.
+_GATE_NAMES = ("gate_proj", "w1", "gate", "wi_0")
+_UP_NAMES = ("up_proj", "w3", "up", "wi_1")
+_DOWN_NAMES = ("down_proj", "w2", "down", "wo")
+_ACT_NAMES = ("act_fn", "activation_fn", "act", "activation")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Return the transformers model inside our wrapper, a PEFT model, or a DDP wrapper (``.module``)."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        getter = getattr(model, "get_base_model", None)
+        inner = getter() if callable(getter) else getattr(model, "module", None)
+        if isinstance(inner, nn.Module) and inner is not model:
+            model = inner
+        else:
+            break
+    return model
+
+
+@dataclass
+class FFN:
+    """Handles on one decoder layer's FFN."""
+
+    index: int
+    layer: nn.Module
+    mlp: nn.Module
+    act: nn.Module
+    gate: nn.Linear | None
+    up: nn.Linear | None
+    down: nn.Linear
+    gate_up: nn.Linear | None = None
+
+
+class ModelAdapter:
+    """Answers structural questions about one loaded model (see module docstring)."""
+
+    def __init__(self, model: nn.Module, family: str, spec: FFNSpec, layers_path: str):
+        self.model = model
+        self.family = family
+        self.spec = spec
+        self.layers_path = layers_path
+        self.layers: nn.ModuleList = _get_path(model, layers_path)
+
+    def __repr__(self) -> str:
+        return (
+            f"ModelAdapter(family={self.family!r}, layers={self.layers_path!r} x{self.num_layers}, "
+            f"intermediate_size={self.intermediate_size}, fused={self.spec.fused})"
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.ffn(0).down.in_features
+
+    def check_layers(self, layers: Sequence[int]) -> list[int]:
+        """Validate layer indices: in range, no duplicates; returns them sorted."""
+        out = []
+        for layer in layers:
+            if isinstance(layer, bool) or not isinstance(layer, int):
+                raise InvalidInputError(f"layer index {layer!r} is not an integer")
+            if not 0 <= layer < self.num_layers:
+                raise InvalidInputError(
+                    f"layer {layer} is out of range: this {self.family} model has "
+                    f"{self.num_layers} decoder layers (valid: 0..{self.num_layers - 1})"
+                )
+            out.append(layer)
+        if len(set(out)) != len(out):
+            dup = sorted({x for x in out if out.count(x) > 1})
+            raise InvalidInputError(f"duplicate layer indices {dup}; list each layer once")
+        return sorted(out)
+
+    def ffn(self, index: int) -> FFN:
+        layer = self.layers[index]
+        s = self.spec
+        mlp = getattr(layer, s.mlp)
+        return FFN(
+            index=index,
+            layer=layer,
+            mlp=mlp,
+            act=getattr(mlp, s.act),
+            gate=getattr(mlp, s.gate) if s.gate else None,
+            up=getattr(mlp, s.up) if s.up else None,
+            down=getattr(mlp, s.down),
+            gate_up=getattr(mlp, s.gate_up) if s.gate_up else None,
+        )
+
+    def module_names(self, index: int, roles: Sequence[str]) -> list[str]:
+        """Qualified module names (relative to the adapted model) of the given FFN roles.
+
+        On a fused family, ``gate`` and ``up`` both name the fused matrix (listed once).
+        """
+        s = self.spec
+        names: list[str] = []
+        for role in roles:
+            if role not in ROLES:
+                raise InvalidInputError(f"unknown FFN role {role!r}; use some of {list(ROLES)}")
+            attr = {"gate": s.gate or s.gate_up, "up": s.up or s.gate_up, "down": s.down}[role]
+            name = f"{self.layers_path}.{index}.{s.mlp}.{attr}"
+            if name not in names:
+                names.append(name)
+        return names
+
+    def parameter_names(self, index: int, roles: Sequence[str]) -> list[str]:
+        """Qualified weight names, e.g. ``model.layers.3.mlp.up_proj.weight``."""
+        return [f"{m}.weight" for m in self.module_names(index, roles)]
+
+
+def _get_path(obj: object, path: str) -> nn.ModuleList:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    if not isinstance(obj, nn.ModuleList):
+        raise AttributeError(path)
+    return obj
+
+
+def _find_layers(model: nn.Module) -> str | None:
+    for path in _LAYER_PATHS:
+        try:
+            layers = _get_path(model, path)
+        except AttributeError:
+            continue
+        if len(layers) > 0:
+            return path
+    # Fallback: the longest ModuleList of identical blocks anywhere in the model.
+    best: tuple[int, str] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            kinds = {type(m) for m in module}
+            if len(kinds) == 1 and (best is None or len(module) > best[0]):
+                best = (len(module), name)
+    return best[1] if best else None
+
+
+def _first_attr(module: nn.Module, names: Sequence[str]) -> str | None:
+    for n in names:
+        if isinstance(getattr(module, n, None), nn.Module):
+            return n
+    return None
+
+
+def _infer_spec(layer: nn.Module, where: str) -> FFNSpec:
+    """Introspect one decoder layer for a gated FFN; explain what was found if there is none."""
+    mlp_name = _first_attr(layer, _MLP_NAMES)
+    if mlp_name is None:
+        children = [n for n, _ in layer.named_children()]
+        raise UnsupportedArchitectureError(
+            f"found decoder layers at `{where}` but no FFN submodule in them "
+            f"(looked for {list(_MLP_NAMES)}; the layer has {children}). "
+            "Add an entry to layerselect.arch.FAMILIES for this model."
+        )
+    mlp = getattr(layer, mlp_name)
+    gate, up = _first_attr(mlp, _GATE_NAMES), _first_attr(mlp, _UP_NAMES)
+    down, act = _first_attr(mlp, _DOWN_NAMES), _first_attr(mlp, _ACT_NAMES)
+    fused = _first_attr(mlp, ("gate_up_proj",))
+    if fused and down and act:
+        return FFNSpec(mlp=mlp_name, act=act, gate=None, up=None, down=down, gate_up=fused)
+    if gate and up and down and act:
+        return FFNSpec(mlp=mlp_name, act=act, gate=gate, up=up, down=down)
+    children = [n for n, _ in mlp.named_children()]
+    raise UnsupportedArchitectureError(
+        f"the FFN `{where}.0.{mlp_name}` has submodules {children}: no gated FFN "
+        "(layerselect needs down(f(gate(x)) * up(x)) with gate/up/down projections and an "
+        "activation module). Models such as GPT-2 or BERT with a plain two-matrix MLP are not "
+        "supported; for a gated FFN under other names, add an entry to layerselect.arch.FAMILIES."
+    )
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    """Return the :class:`ModelAdapter` for a loaded transformers model (or our wrapper of one)."""
+    model = unwrap_model(model)
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None) or type(model).__name__
+    where = _find_layers(model)
+    if where is None:
+        raise UnsupportedArchitectureError(
+            f"could not find the decoder layers of {type(model).__name__} "
+            f"(model_type={model_type!r}); looked for {list(_LAYER_PATHS)} and for any list of "
+            "identical blocks. Is this a decoder-only transformer?"
+        )
+    layers = _get_path(model, where)
+    spec = FAMILIES.get(model_type)
+    if spec is None or not hasattr(layers[0], spec.mlp):
+        spec = _infer_spec(layers[0], where)
+        family = f"{model_type} (inferred)"
+    else:
+        family = model_type
+    return ModelAdapter(model, family, spec, where)

@@ -1,0 +1,54 @@
+"""The ``layerselect`` command line: one subcommand per pipeline step.
+
+Each subcommand lives in :mod:`layerselect.commands` as a module with a
+``register(subparsers)`` function, so a step's CLI sits next to nothing but
+itself. Errors the library raises on purpose print as one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import LayerSelectError
+
+#: Pipeline order; modules that are not installed are skipped.
+COMMANDS = ("demo", "analyze", "select", "plot", "train", "merge", "eval")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="layerselect",
+        description="Selective language alignment: analyse, select, train and evaluate FFN layers.",
+    )
+    parser.add_argument("--version", action="version", version=f"layerselect {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"layerselect.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"layerselect.commands.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LayerSelectError as exc:
+        print(f"layerselect {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per ``layerselect`` subcommand; each exposes ``register(subparsers)``."""

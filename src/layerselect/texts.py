@@ -1,0 +1,126 @@
+"""Reading the texts to analyse, grouped by language.
+
+A *text spec* names where they are; :func:`load_texts` returns
+``{language: [text, ...]}``. Accepted (the kind is detected, or forced with a
+``kind:`` prefix such as ``mgsm:DIR``):
+
+- ``mgsm``: a folder of ``{lang}.tsv`` or ``mgsm_{lang}.tsv`` files, one
+  ``question<TAB>answer`` per line (the question is the text);
+- ``txt``: a folder of line-aligned ``{lang}.txt`` files, one text per line;
+- ``jsonl``: a file of ``{"lang": ..., "text": ...}`` lines.
+
+Example:
+    >>> from layerselect.texts import load_texts
+    >>> texts = load_texts("mgsm:../shared/data/mgsm", langs=["en", "de"], limit=20)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import InvalidInputError
+
+__all__ = ["load_texts", "default_data_dir", "PAPER_LANGS"]
+
+#: The paper's ten MGSM languages, low-resource first as in its tables.
+PAPER_LANGS = ("bn", "th", "sw", "ja", "zh", "de", "fr", "ru", "es", "en")
+
+_TSV = re.compile(r"^(?:mgsm_)?([A-Za-z][A-Za-z_-]*)\.tsv$")
+_TXT = re.compile(r"^([A-Za-z][A-Za-z_-]*)\.txt$")
+
+
+def default_data_dir() -> Path | None:
+    """``$LAYERSELECT_DATA_DIR``, else ``../shared/data`` from the working directory, if it exists."""
+    env = os.environ.get("LAYERSELECT_DATA_DIR")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path.cwd().parent / "shared" / "data")
+    return next((p for p in candidates if p.is_dir()), None)
+
+
+def _detect(path: Path) -> str:
+    if path.is_file():
+        return "jsonl"
+    if not path.is_dir():
+        raise InvalidInputError(f"data path {path} does not exist")
+    names = [p.name for p in path.iterdir()]
+    if any(_TSV.match(n) for n in names):
+        return "mgsm"
+    if any(_TXT.match(n) for n in names):
+        return "txt"
+    raise InvalidInputError(
+        f"{path} holds no {{lang}}.tsv, mgsm_{{lang}}.tsv or {{lang}}.txt files; "
+        "pass a folder in one of those layouts or a JSONL file with 'lang' and 'text' fields"
+    )
+
+
+def _read_folder(path: Path, pattern: re.Pattern[str], column: int | None) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for f in sorted(path.iterdir()):
+        m = pattern.match(f.name)
+        if not m:
+            continue
+        lines = f.read_text(encoding="utf-8").splitlines()
+        if column is not None:
+            lines = [ln.split("\t")[column] for ln in lines if ln.strip()]
+        out[m.group(1)] = [ln.strip() for ln in lines if ln.strip()]
+    return out
+
+
+def _read_jsonl(path: Path) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    with open(path, encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                lang, text = row["lang"], row["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise InvalidInputError(
+                    f"{path}:{i}: expected a JSON object with 'lang' and 'text' ({exc})"
+                ) from None
+            out.setdefault(str(lang), []).append(str(text))
+    return out
+
+
+def load_texts(
+    spec: str | os.PathLike[str],
+    langs: Sequence[str] | None = None,
+    limit: int | None = None,
+) -> dict[str, list[str]]:
+    """Read texts grouped by language from a text spec (see module docstring).
+
+    ``langs`` keeps (and orders) those languages and fails on a missing one;
+    ``limit`` keeps the first N texts of each language (parallel data stays parallel).
+    """
+    spec = str(spec)
+    kind, _, rest = spec.partition(":")
+    if kind in ("mgsm", "txt", "jsonl") and rest:
+        path = Path(rest)
+    else:
+        kind, path = "", Path(spec)
+    kind = kind or _detect(path)
+    if not path.exists():
+        raise InvalidInputError(f"data path {path} does not exist")
+    if kind == "mgsm":
+        texts = _read_folder(path, _TSV, column=0)
+    elif kind == "txt":
+        texts = _read_folder(path, _TXT, column=None)
+    else:
+        texts = _read_jsonl(path)
+    if not texts:
+        raise InvalidInputError(f"no texts found in {path} (read as {kind})")
+    if langs is not None:
+        missing = [lang for lang in langs if lang not in texts]
+        if missing:
+            raise InvalidInputError(
+                f"languages {missing} are not in {path}; it has {sorted(texts)}"
+            )
+        texts = {lang: texts[lang] for lang in langs}
+    if limit is not None:
+        texts = {k: v[:limit] for k, v in texts.items()}
+    return texts
