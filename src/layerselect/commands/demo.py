@@ -1,0 +1,28 @@
+"""``layerselect demo``: the README's main job (see :mod:`layerselect.demo`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..models import DEFAULT_MODEL, KNOWN_MODELS
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run the whole pipeline on the default real model (Gemma-3-270M)",
+        description="Analyse packaged parallel prompts, select layers (msd), train them briefly, "
+        "save and reload the adapter, and compare overlap with English before/after.",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"one of {', '.join(KNOWN_MODELS)} or a checkpoint dir")
+    p.add_argument("--out", default="layerselect-demo", help="output directory (default: ./layerselect-demo)")
+    p.add_argument("--steps", type=int, default=30, help="training steps (default: 30)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..demo import run_demo
+
+    run_demo(model=args.model, out=args.out, steps=args.steps, progress=not args.no_progress)
+    return 0
