@@ -1,0 +1,123 @@
+"""``layerselect select``: run a selection criterion over saved statistics and explain it."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidInputError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "select",
+        help="choose the layers to train from activation statistics",
+        description=(
+            "Run a selection criterion (default: msd, the paper's rule) over statistics written by "
+            "`layerselect analyze`, print a per-layer table and the explanation, and optionally "
+            "save the Selection as JSON and bootstrap its stability."
+        ),
+    )
+    p.add_argument("stats_dir", nargs="?", default=None, help="directory written by `layerselect analyze`")
+    p.add_argument("--criterion", default="msd", help="registered name or module:function (default: msd)")
+    p.add_argument(
+        "--param", action="append", default=[], metavar="K=V",
+        help="criterion parameter, repeatable; V is parsed as JSON when it can be (k=6, tau=0.3, reference=en)",
+    )
+    p.add_argument("--out", default=None, help="write the Selection as JSON here (e.g. selection.json)")
+    p.add_argument("--stability", type=int, default=0, metavar="N", help="bootstrap N resamples of the questions")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument(
+        "--import", dest="imports", action="append", default=[], metavar="MODULE",
+        help="import MODULE first (it may register criteria), repeatable",
+    )
+    p.add_argument("--reference", default="en", help="reference language for the overlap column (default en)")
+    p.add_argument("--model", default=None, help="model for weight criteria such as snr (default: the stats' model)")
+    p.add_argument("--gguf-file", default=None, help="GGUF file name inside --model (a directory)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=run)
+
+
+def parse_params(items: list[str]) -> dict[str, Any]:
+    """``["k=6", "reference=en"]`` -> ``{"k": 6, "reference": "en"}`` (values parsed as JSON when possible)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise InvalidInputError(f"bad --param {item!r}; write KEY=VALUE, e.g. --param k=6")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def layer_table(stats: Any, selection: Any, reference: str = "en") -> str:
+    """Per layer: R min/max/spread, average overlap with ``reference``, MSD, the criterion's score, selected."""
+    rows = {row["layer"]: row for row in stats.layer_table(reference if reference in stats.groups else None)}
+    has_ov = any("overlap_avg" in r for r in rows.values())
+    head = (
+        f"{'layer':>5}  {'R min':>7}  {'R max':>7}  {'R spread':>9}  "
+        + (f"{'overlap(' + reference + ')':>12}  " if has_ov else "")
+        + f"{'MSD':>11}  {selection.criterion + ' score':>14}  selected"
+    )
+    lines = [head, "-" * len(head)]
+    for layer in sorted(rows):
+        r = rows[layer]
+        score = selection.scores.get(layer)
+        lines.append(
+            f"{layer:>5}  {r['R_min']:>7.4f}  {r['R_max']:>7.4f}  {r['R_max'] - r['R_min']:>9.5f}  "
+            + (f"{r['overlap_avg']:>12.4f}  " if has_ov else "")
+            + f"{r['MSD']:>11.4e}  {'' if score is None else f'{score:.6g}':>14}  "
+            + ("*" if layer in selection.layers else "")
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..criteria import get_criterion, select
+    from ..stats import ActivationStats
+
+    for module in args.imports:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise InvalidInputError(f"cannot import --import {module!r}: {exc}") from None
+    spec = get_criterion(args.criterion)
+    params = parse_params(args.param)
+    stats = ActivationStats.load(args.stats_dir) if args.stats_dir else None
+    if stats is None and "stats" in spec.required:
+        raise InvalidInputError(f"criterion {spec.name!r} needs STATS_DIR (from `layerselect analyze`)")
+    model, name = None, None
+    if "model" in spec.takes and ("model" in spec.required or args.model):
+        name = args.model or (stats.model_name if stats is not None else None)
+        if not name:
+            raise InvalidInputError(f"criterion {spec.name!r} needs --model")
+        from ..models import load_model
+
+        model, _ = load_model(name, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device)
+    sel = select(stats, spec, model=model, **params)
+    if name:
+        sel.meta["model_name"] = name  # the name the user gave, not the cache path it resolved to
+    if stats is not None:
+        print(layer_table(stats, sel, args.reference))
+        print()
+    print(sel.explain())
+    if args.out:
+        path = sel.save(args.out)
+        print(f"\nwrote {path}")
+    if args.stability:
+        st = sel.stability(n_boot=args.stability, seed=args.seed)
+        print(f"\nstability ({args.stability} bootstrap resamples of the questions, seed {args.seed}):")
+        print(st.format_table())
+        if args.out:
+            out = Path(args.out)
+            spath = out.with_name(out.stem + ".stability.json")
+            spath.write_text(json.dumps(st.to_dict(), indent=2) + "\n", encoding="utf-8")
+            print(f"wrote {spath}")
+    return 0

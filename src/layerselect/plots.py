@@ -1,0 +1,264 @@
+"""Figures of activation statistics and selections (matplotlib, Agg; PNG and SVG).
+
+Every function returns a :class:`matplotlib.figure.Figure` built with the
+object-oriented API on an Agg canvas (no pyplot, no global backend switch, no
+display needed) and, given ``path``, writes it: ``path`` with a suffix writes
+that one file; without a suffix it writes ``path.png`` and ``path.svg``
+(or the ``formats`` asked for).
+
+- :func:`plot_activation_ratio`: R per layer per language (paper Fig. 2);
+- :func:`plot_overlap`: overlap with English per layer per language plus the average (Fig. 3);
+- :func:`plot_selection`: a criterion's score per layer, the threshold and the selected layers;
+- :func:`plot_overlap_comparison`: the overlap of two statistics, e.g. before/after training (Fig. 6);
+- :func:`plot_all`: all of them into one directory.
+
+Example:
+    >>> from layerselect.plots import plot_all
+    >>> plot_all(stats, "figs/", selection=sel)                 # doctest: +SKIP
+    [PosixPath('figs/activation_ratio.png'), ...]
+    >>> plot_overlap(stats, path="figs/overlap.png")            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import InvalidInputError
+from .stats import ActivationStats
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from .criteria import Selection
+
+__all__ = [
+    "plot_activation_ratio",
+    "plot_overlap",
+    "plot_selection",
+    "plot_overlap_comparison",
+    "plot_all",
+    "save_figure",
+]
+
+FORMATS = ("png", "svg")
+PathLike = str | os.PathLike[str]
+
+
+def _figure(width: float = 7.0, height: float = 4.2) -> tuple[Figure, Axes]:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise InvalidInputError("plots need matplotlib: pip install 'layerselect[plots]'") from exc
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def save_figure(fig: Figure, path: PathLike, formats: Sequence[str] = FORMATS, dpi: int = 110) -> list[Path]:
+    """Write ``fig``: to ``path`` if it has a suffix, else to ``path.<fmt>`` for each of ``formats``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    targets = [path] if path.suffix else [path.with_name(f"{path.name}.{fmt}") for fmt in formats]
+    for target in targets:
+        fmt = target.suffix.lstrip(".").lower()
+        if fmt not in ("png", "svg", "pdf"):
+            raise InvalidInputError(f"cannot write {target}: use a .png, .svg or .pdf file name")
+        fig.savefig(target, format=fmt, dpi=dpi)
+    return targets
+
+
+def _finish(fig: Figure, path: PathLike | None, formats: Sequence[str]) -> Figure:
+    if path is not None:
+        save_figure(fig, path, formats)
+    return fig
+
+
+def _rows(stats: ActivationStats) -> tuple[list[int], list[int]]:
+    order = sorted(range(len(stats.layers)), key=lambda i: stats.layers[i])
+    return order, [stats.layers[i] for i in order]
+
+
+def _title(stats: ActivationStats, what: str) -> str:
+    name = stats.model_name
+    return f"{what}" + (f" — {Path(str(name)).name}" if name else "")
+
+
+def plot_activation_ratio(
+    stats: ActivationStats,
+    path: PathLike | None = None,
+    *,
+    variant: str = "mean",
+    formats: Sequence[str] = FORMATS,
+) -> Figure:
+    """Activation ratio ``R[l, g]`` per layer, one line per language (paper Fig. 2)."""
+    r = stats.activation_ratio(variant)
+    order, layers = _rows(stats)
+    fig, ax = _figure()
+    for g, name in enumerate(stats.groups):
+        ax.plot(layers, r[order, g].tolist(), marker="o", ms=3, lw=1.2, label=name)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("activation ratio R" + ("" if variant == "mean" else f" ({variant})"))
+    ax.set_title(_title(stats, "Activation ratio per layer"))
+    ax.grid(alpha=0.3)
+    ax.legend(ncol=min(5, len(stats.groups)), fontsize=8)
+    return _finish(fig, path, formats)
+
+
+def plot_overlap(
+    stats: ActivationStats,
+    path: PathLike | None = None,
+    *,
+    reference: str = "en",
+    tau: float = 0.5,
+    method: str = "ratio",
+    formats: Sequence[str] = FORMATS,
+) -> Figure:
+    """Overlap with ``reference`` per layer per language, plus the average (paper Fig. 3)."""
+    if len(stats.groups) < 2:
+        raise InvalidInputError(f"the overlap plot needs two languages or more; the stats have {stats.groups}")
+    ov = stats.overlap(reference, tau, method)
+    order, layers = _rows(stats)
+    fig, ax = _figure()
+    for g, name in enumerate(stats.groups):
+        if name == reference:
+            continue
+        ax.plot(layers, ov.per_group[order, g].tolist(), lw=1.0, alpha=0.75, label=name)
+    ax.plot(layers, ov.average[order].tolist(), color="black", lw=2.4, marker="o", ms=4, label="AVG")
+    peak = layers[int(ov.average[order].argmax())]
+    ax.axvline(peak, color="black", ls=":", lw=1)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"overlap with {reference} ({method}, tau={tau})")
+    ax.set_title(_title(stats, f"Overlap of active neurons with {reference!r} (peak: layer {peak})"))
+    ax.grid(alpha=0.3)
+    ax.legend(ncol=min(5, len(stats.groups)), fontsize=8)
+    return _finish(fig, path, formats)
+
+
+def plot_selection(
+    selection: Selection,
+    path: PathLike | None = None,
+    *,
+    formats: Sequence[str] = FORMATS,
+) -> Figure:
+    """The criterion's score per layer as bars, the threshold as a line, selected layers highlighted.
+
+    For ``msd`` the layers of ``K`` are shaded and the overlap peak marked.
+    """
+    if not selection.scores:
+        raise InvalidInputError(f"the {selection.criterion!r} selection has no per-layer scores to plot")
+    layers = sorted(selection.scores)
+    values = [selection.scores[layer] for layer in layers]
+    fig, ax = _figure()
+    colors = ["tab:red" if layer in selection.layers else "tab:gray" for layer in layers]
+    ax.bar(layers, values, color=colors, width=0.8)
+    k_set = selection.details.get("K")
+    if k_set:
+        ax.axvspan(min(k_set) - 0.5, max(k_set) + 0.5, color="tab:blue", alpha=0.08, label="K (before the overlap peak)")
+    peak = selection.details.get("peak_layer")
+    if peak is not None:
+        ax.axvline(peak, color="tab:blue", ls=":", lw=1.2, label=f"overlap peak (layer {peak})")
+    if selection.threshold is not None:
+        ax.axhline(selection.threshold, color="black", ls="--", lw=1.2, label=f"threshold {selection.threshold:.3g}")
+    from matplotlib.patches import Patch
+
+    handles, _ = ax.get_legend_handles_labels()
+    handles.append(Patch(color="tab:red", label=f"selected {selection.layers}"))
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"{selection.criterion} score")
+    ax.set_title(f"Criterion {selection.criterion!r}: score per layer")
+    ax.set_xticks(layers)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.legend(handles=handles, fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _finish(fig, path, formats)
+
+
+def plot_overlap_comparison(
+    before: ActivationStats,
+    after: ActivationStats,
+    path: PathLike | None = None,
+    *,
+    reference: str = "en",
+    tau: float = 0.5,
+    method: str = "ratio",
+    labels: tuple[str, str] = ("before", "after"),
+    formats: Sequence[str] = FORMATS,
+) -> Figure:
+    """Average overlap with ``reference`` per layer for two statistics (paper Fig. 6).
+
+    Left: the two AVG curves. Right: the per-language change (after - before).
+    Both statistics must cover the same layers and share the reference.
+    """
+    if before.layers != after.layers:
+        raise InvalidInputError(f"the two statistics cover different layers ({before.layers} vs {after.layers})")
+    common = [g for g in before.groups if g in after.groups]
+    if reference not in common or len(common) < 2:
+        raise InvalidInputError(
+            f"both statistics need {reference!r} and another common language; common: {common}"
+        )
+    b = before.subset(common).overlap(reference, tau, method)
+    a = after.subset(common).overlap(reference, tau, method)
+    order, layers = _rows(before)
+    fig, _ = _figure(11.0, 4.2)
+    fig.clear()
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.plot(layers, b.average[order].tolist(), marker="o", ms=3, lw=2, label=f"{labels[0]} (AVG)")
+    ax1.plot(layers, a.average[order].tolist(), marker="s", ms=3, lw=2, label=f"{labels[1]} (AVG)")
+    ax1.set_xlabel("layer")
+    ax1.set_ylabel(f"overlap with {reference}")
+    ax1.set_title("Average overlap")
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    for g, name in enumerate(common):
+        if name != reference:
+            ax2.plot(layers, (a.per_group[order, g] - b.per_group[order, g]).tolist(), lw=1, label=name)
+    ax2.axhline(0, color="black", lw=0.8)
+    ax2.set_xlabel("layer")
+    ax2.set_ylabel(f"change in overlap ({labels[1]} - {labels[0]})")
+    ax2.set_title("Per language")
+    ax2.grid(alpha=0.3)
+    ax2.legend(ncol=3, fontsize=7)
+    return _finish(fig, path, formats)
+
+
+def plot_all(
+    stats: ActivationStats,
+    out_dir: PathLike,
+    *,
+    selection: Selection | None = None,
+    compare: ActivationStats | None = None,
+    reference: str = "en",
+    tau: float = 0.5,
+    formats: Sequence[str] = FORMATS,
+    labels: tuple[str, str] = ("before", "after"),
+) -> list[Path]:
+    """Write every figure that applies into ``out_dir``; returns the files written.
+
+    ``activation_ratio``, ``overlap`` (if ``reference`` is present),
+    ``selection_<criterion>`` (if ``selection`` is given, default: ``msd`` when
+    possible) and ``overlap_comparison`` (if ``compare`` is given).
+    """
+    out = Path(out_dir)
+    written: list[Path] = []
+    figs: list[tuple[str, Any]] = [("activation_ratio", lambda: plot_activation_ratio(stats))]
+    has_ref = reference in stats.groups and len(stats.groups) > 1
+    if has_ref:
+        figs.append(("overlap", lambda: plot_overlap(stats, reference=reference, tau=tau)))
+    if selection is None and has_ref:
+        from .criteria import select
+
+        selection = select(stats, "msd", reference=reference, tau=tau)
+    if selection is not None:
+        figs.append((f"selection_{selection.criterion}", lambda: plot_selection(selection)))
+    if compare is not None:
+        figs.append(
+            ("overlap_comparison", lambda: plot_overlap_comparison(stats, compare, reference=reference, tau=tau, labels=labels))
+        )
+    for name, make in figs:
+        written += save_figure(make(), out / name, formats)
+    return written

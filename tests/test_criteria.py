@@ -1,0 +1,370 @@
+"""Selection criteria: msd derived by hand, the other criteria, registry, JSON, stability."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from _selection_helpers import hand_stats
+from layerselect.criteria import (
+    CRITERIA,
+    Selection,
+    bootstrap_sample_weights,
+    get_criterion,
+    list_criteria,
+    register_criterion,
+    resample_stats,
+    select,
+    stability,
+)
+from layerselect.errors import FormatError, InvalidInputError
+from layerselect.stats import ActivationStats
+from tiny import tiny_model, tiny_texts, tiny_tokenizer
+
+EN, DE, FR = "en", "de", "fr"
+
+# ---------------------------------------------------------------------------------------------
+# Main hand-built case. 3 languages (en, de, fr), 4 neurons, 10 tokens each, so p = count / 10,
+# R[l, g] = sum_n count / 40, S_g = {n : count > 5} (tau = 0.5).
+#
+# layer 0: en [8,8,0,0] R .4 S{0,1} | de [8,8,8,8] R .8 S{0,1,2,3} | fr [0,0,0,0] R 0 S{}
+#          overlap de 2/2 = 1, fr 0/2 = 0 -> AVG .5 ; mean R .4, dev 0,.4,-.4 -> MSD .32/3 = 0.96/9
+# layer 1: en [8,8,0,0] R .4 | de [8,8,0,0] R .4 | fr [8,0,0,0] R .2 S{0}
+#          overlap 1, .5 -> AVG .75 ; mean 1/3, dev 1/15,1/15,-2/15 -> MSD (6/225)/3 = 0.08/9
+# layer 2: en [8,8,0,0] R .4 | de [8,8,8,8] R .8 | fr [8,0,0,0] R .2
+#          overlap 1, .5 -> AVG .75 ; mean 1.4/3, dev -1/15, 5/15, -4/15 -> MSD (42/225)/3 = 0.56/9
+# layer 3: all three [8,8,0,0] -> AVG 1.0 (the peak), MSD 0
+# layer 4: en [8,8,0,0] | de [8,0,0,0] S{0} | fr [8,8,8,8] -> AVG (.5 + 1)/2 = .75, MSD 0.56/9
+#          (large MSD, but above the peak: not in K)
+# K = {0, 1, 2}; theta = (0.96 + 0.08 + 0.56) / 9 / 3 = 1.6 / 27 = 0.0592593
+# MSD > theta: layer 0 (0.10667) yes, layer 1 (0.00889) no, layer 2 (0.06222) yes -> [0, 2]
+# ---------------------------------------------------------------------------------------------
+A, B, Z, F = [8, 8, 0, 0], [8, 8, 8, 8], [0, 0, 0, 0], [8, 0, 0, 0]
+
+
+def _layer(en, de, fr):
+    return [[en[n], de[n], fr[n]] for n in range(4)]
+
+
+MAIN = [_layer(A, B, Z), _layer(A, A, F), _layer(A, B, F), _layer(A, A, A), _layer(A, F, B)]
+
+
+def main_stats(**kw) -> ActivationStats:
+    return hand_stats(MAIN, [10, 10, 10], [EN, DE, FR], **kw)
+
+
+def test_msd_hand_derived_main_case():
+    stats = main_stats()
+    assert stats.overlap(EN).average.tolist() == pytest.approx([0.5, 0.75, 0.75, 1.0, 0.75])
+    assert stats.msd().tolist() == pytest.approx([0.96 / 9, 0.08 / 9, 0.56 / 9, 0.0, 0.56 / 9])
+    sel = select(stats)
+    assert sel.criterion == "msd"
+    assert sel.details["peak_layer"] == 3
+    assert sel.details["K"] == [0, 1, 2]
+    assert sel.threshold == pytest.approx(1.6 / 27)
+    assert sel.layers == [0, 2]
+    assert sel.details["fallback"] is False
+    assert sel.scores[1] == pytest.approx(0.08 / 9)
+    text = sel.explain()
+    assert "K = [0, 1, 2]" in text and "peaks at layer 3" in text
+    assert "<= theta" in sel.notes[1] and "> theta" in sel.notes[0] and "not in K" in sel.notes[4]
+
+
+def test_msd_uses_model_layer_ids():
+    # The same counts collected for model layers 10, 12, 14, 16, 18: the rule is the same on ids.
+    sel = select(main_stats(layers=[10, 12, 14, 16, 18]))
+    assert sel.layers == [10, 14]
+    assert sel.details["K"] == [10, 12, 14] and sel.details["peak_layer"] == 16
+    assert sorted(sel.scores) == [10, 12, 14, 16, 18]
+
+
+def test_msd_peak_at_layer_zero_falls_back_to_layer_zero():
+    # layer 0: all [8,8,0,0] -> AVG 1 (peak), MSD 0. layer 1 = main layer 0 (AVG .5),
+    # layer 2 = main layer 2 (AVG .75). K = {0}; theta = MSD[0] = 0; nothing is > 0 in K
+    # -> fallback to the largest MSD in K: layer 0, and the explanation says so.
+    stats = hand_stats([MAIN[3], MAIN[0], MAIN[2]], [10, 10, 10], [EN, DE, FR])
+    sel = select(stats)
+    assert sel.details["peak_layer"] == 0 and sel.details["K"] == [0]
+    assert sel.threshold == pytest.approx(0.0, abs=1e-20)  # 0 up to float rounding of R
+    assert sel.layers == [0]
+    assert sel.details["fallback"] is True
+    assert "falls back" in sel.reason and "single layer" in sel.reason
+
+
+def test_msd_peak_at_first_collected_layer_when_layers_start_above_zero():
+    stats = hand_stats([MAIN[3], MAIN[0]], [10, 10, 10], [EN, DE, FR], layers=[4, 5])
+    sel = select(stats)
+    assert sel.details["K"] == [4] and sel.layers == [4]
+
+
+def test_msd_overlap_tie_goes_to_lowest_layer():
+    # layers: main 0 (AVG .5), main 2 (AVG .75), all-A (AVG 1), main 1 (AVG .75), all-A (AVG 1).
+    # The peak value 1.0 is at layers 2 and 4: the lowest (2) wins, K = {0, 1}.
+    # theta = (0.96/9 + 0.56/9) / 2 = 0.76/9; MSD[0] = 0.96/9 > theta, MSD[1] = 0.56/9 < theta.
+    stats = hand_stats([MAIN[0], MAIN[2], MAIN[3], MAIN[1], MAIN[3]], [10, 10, 10], [EN, DE, FR])
+    sel = select(stats)
+    assert sel.details["peak_layer"] == 2 and sel.details["K"] == [0, 1]
+    assert sel.threshold == pytest.approx(0.76 / 9)
+    assert sel.layers == [0]
+
+
+def test_msd_all_equal_in_k_falls_back_to_lowest_layer():
+    # Layers 0, 1, 2 have the same R pattern (.4, .8, .2; MSD 0.56/9 each) with permuted neurons,
+    # layer 3 is the peak. theta = 0.56/9 and no MSD is strictly above it -> fallback to the
+    # largest MSD in K; all tie, so the lowest layer, 0.
+    perm = [_layer(A, [8, 8, 8, 8], [0, 0, 0, 8]), _layer(A, B, [0, 8, 0, 0]), _layer(A, B, F)]
+    stats = hand_stats([*perm, MAIN[3]], [10, 10, 10], [EN, DE, FR])
+    msd = stats.msd()
+    assert msd[:3].tolist() == pytest.approx([0.56 / 9] * 3)
+    sel = select(stats)
+    assert sel.details["K"] == [0, 1, 2]
+    assert sel.layers == [0] and sel.details["fallback"] is True
+    assert "all MSD in K are equal" in sel.reason
+
+
+def test_msd_tie_above_theta_selects_both():
+    # K = {0, 1, 2} with MSD 0.96/9, 0.08/9, 0.96/9 (layers 0 and 2 identical):
+    # theta = 2/27 = 0.074; both tied layers are above it and both are selected.
+    stats = hand_stats([MAIN[0], MAIN[1], MAIN[0], MAIN[3]], [10, 10, 10], [EN, DE, FR])
+    sel = select(stats)
+    assert sel.threshold == pytest.approx(2.0 / 27)
+    assert sel.layers == [0, 2]
+
+
+def test_msd_two_languages_and_other_reference():
+    # With reference "de" on the main case: layer 0 S_de = {0,1,2,3}; en 2/4 = .5, fr 0/4 = 0 -> .25;
+    # layer 3 is still the peak (1.0), so K and theta are as before.
+    sel = select(main_stats(), reference="de")
+    assert sel.details["K"] == [0, 1, 2] and sel.layers == [0, 2]
+    two = main_stats().subset([EN, DE])
+    # en/de: R .4/.8, .4/.4, .4/.8, .4/.4, .4/.2 -> MSD .04, 0, .04, 0, .01; overlap 1 at layers 0..3.
+    # The peak is layer 0 (first of the ties) -> K = {0} -> fallback [0].
+    sel2 = select(two)
+    assert sel2.details["peak_layer"] == 0 and sel2.layers == [0]
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda s: select(s, criterion="nope"), "unknown criterion 'nope'"),
+        (lambda s: select(s, reference="xx"), "reference language 'xx'"),
+        (lambda s: select(s.subset([EN])), "at least two languages"),
+        (lambda s: select(s, k=3), "has no parameter"),
+        (lambda s: select(s, "topk", k=99), "k=99"),
+        (lambda s: select(s, "topk", score="nope"), "unknown score"),
+        (lambda s: select(None, "msd"), "needs activation statistics"),
+        (lambda s: select(s, "snr"), "needs the model"),
+    ],
+)
+def test_invalid_input_names_the_fix(call, match):
+    with pytest.raises(InvalidInputError, match=match):
+        call(main_stats())
+
+
+def test_nan_overlap_is_refused():
+    # The reference never fires above tau at layer 1 -> overlap 0/0 = NaN there.
+    stats = hand_stats([MAIN[0], _layer(Z, A, A)], [10, 10, 10], [EN, DE, FR])
+    with pytest.raises(InvalidInputError, match="NaN at layers \\[1\\].*lower tau"):
+        select(stats)
+
+
+def test_nan_user_scores_are_refused():
+    def nan_rule(stats):
+        return Selection(layers=[0], scores={0: float("nan")})
+
+    with pytest.raises(InvalidInputError, match="NaN scores"):
+        select(main_stats(), nan_rule)
+
+
+# ------------------------------------------------------------------------- other criteria
+def test_baselines_on_hand_stats():
+    stats = main_stats()
+    assert select(stats, "first_n", n=2).layers == [0, 1]
+    assert select(stats, "all").layers == [0, 1, 2, 3, 4]
+    r1, r2 = select(stats, "random", k=3, seed=7), select(stats, "random", k=3, seed=7)
+    assert r1 == r2 and len(r1.layers) == 3
+    assert len({tuple(select(stats, "random", k=2, seed=s).layers) for s in range(20)}) > 1
+    # topk by MSD: 0.96/9 (layer 0) then 0.56/9 tie at layers 2 and 4 -> lower layer first.
+    assert select(stats, "topk", k=2).layers == [0, 2]
+    assert select(stats, "topk", k=1, score="divergence").layers == [0]  # 1 - .5 is the largest
+    # r_spread: .8, .2, .6, 0, .6 -> top 2: 0 and 2 (tie with 4 goes to the lower layer)
+    assert select(stats, "topk", k=2, score="r_spread").layers == [0, 2]
+    assert select(stats, "topk", k=1, score="msd", max_layer=2).layers == [0]
+
+
+def test_register_criterion_decorator_and_call():
+    @register_criterion
+    def _lowest_two(stats):
+        return sorted(stats.layers)[:2]
+
+    @register_criterion("_highest_msd")
+    def whatever(stats, k: int = 1):
+        scores = {layer: float(v) for layer, v in zip(stats.layers, stats.msd())}
+        best = sorted(scores, key=lambda layer: -scores[layer])[:k]
+        return Selection(layers=best, scores=scores, reason="highest MSD")
+
+    def plain(stats):
+        return [1]
+
+    register_criterion("_plain", plain)
+    try:
+        stats = main_stats()
+        assert select(stats, "_lowest_two").layers == [0, 1]
+        sel = select(stats, "_highest_msd", k=2)
+        assert sel.layers == [0, 2] and sel.criterion == "_highest_msd" and sel.params == {"k": 2}
+        assert select(stats, "_plain").layers == [1]
+        assert {"_lowest_two", "_highest_msd", "_plain"} <= set(list_criteria())
+        with pytest.raises(InvalidInputError, match="already registered"):
+            register_criterion("_plain", lambda stats: [0])
+        with pytest.raises(InvalidInputError, match="not in the statistics"):
+            select(stats, lambda stats: [42])
+    finally:
+        for name in ("_lowest_two", "_highest_msd", "_plain"):
+            CRITERIA.pop(name, None)
+
+
+def test_module_function_criterion_name():
+    spec = get_criterion("layerselect.criteria:first_n_criterion")
+    assert spec.name == "first_n"  # registered under its own name
+    spec = get_criterion("layerselect.criteria:layer_scores")  # not registered: used as is
+    assert spec.name == "layer_scores" and "layer_scores" not in CRITERIA
+
+
+# ------------------------------------------------------------------------- JSON
+def test_selection_json_round_trip(tmp_path):
+    sel = select(main_stats())
+    again = Selection.from_json(sel.to_json())
+    assert again == sel and again.layers == [0, 2] and again.details["K"] == [0, 1, 2]
+    path = sel.save(tmp_path / "sub" / "selection.json")
+    assert Selection.load(path) == sel
+    data = json.loads(path.read_text())
+    assert data["format"] == "layerselect.selection" and data["scores"]["1"] == pytest.approx(0.08 / 9)
+    with pytest.raises(FormatError):
+        Selection.from_json('{"layers": [1]}')
+    with pytest.raises(FormatError):
+        Selection.from_json("{not json")
+    newer = dict(data, format_version=99)
+    with pytest.raises(FormatError, match="upgrade"):
+        Selection.from_dict(newer)
+
+
+# ------------------------------------------------------------------------- stability
+def test_bootstrap_weights_share_question_draws_across_languages():
+    stats = main_stats(questions=7)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        w = bootstrap_sample_weights(stats, gen)
+        by_lang = w.view(3, 7)  # samples are ordered group-major, question-minor
+        assert torch.equal(by_lang[0], by_lang[1]) and torch.equal(by_lang[0], by_lang[2])
+        assert int(by_lang[0].sum()) == 7
+    # Shuffled sample order: the weight still depends only on the question index.
+    perm = torch.randperm(stats.num_samples, generator=torch.Generator().manual_seed(0))
+    shuffled = ActivationStats(
+        counts=stats.counts, tokens=stats.tokens, groups=stats.groups, layers=stats.layers,
+        sample_fraction=stats.sample_fraction[perm], sample_tokens=stats.sample_tokens[perm],
+        sample_group=stats.sample_group[perm], sample_index=stats.sample_index[perm],
+    )
+    w = bootstrap_sample_weights(shuffled, torch.Generator().manual_seed(1))
+    for q in range(7):
+        assert len(set(w[shuffled.sample_index == q].tolist())) == 1
+
+
+def test_stability_reproducible_and_hand_stats_are_stable():
+    stats = main_stats(questions=5)
+    st1 = stability(stats, "msd", n_boot=30, seed=5)
+    st2 = select(stats).stability(n_boot=30, seed=5)
+    assert st1 == st2
+    # Every question has the same fractions, so every resample gives the same selection.
+    assert st1.frequency == {0: 1.0, 1: 0.0, 2: 1.0, 3: 0.0, 4: 0.0}
+    assert st1.selections == [([0, 2], 30)]
+    assert "layer" in st1.format_table() and json.dumps(st1.to_dict())
+
+
+def test_stability_of_loaded_selection_needs_stats(tmp_path):
+    stats = main_stats(questions=3)
+    loaded = Selection.from_json(select(stats).to_json())
+    with pytest.raises(InvalidInputError, match="pass stats="):
+        loaded.stability(n_boot=5)
+    assert loaded.stability(n_boot=5, stats=stats).frequency[0] == 1.0
+
+
+# ------------------------------------------------------------------------- tiny real collection
+@pytest.fixture(scope="module")
+def tiny():
+    model = tiny_model("llama", num_hidden_layers=6)
+    stats = ActivationStats.collect(model, tiny_tokenizer(), tiny_texts(6), per_sample_counts=True, progress=False)
+    return model, stats
+
+
+@pytest.mark.parametrize("name", ["msd", "first_n", "topk", "random", "all", "lape", "snr"])
+def test_every_criterion_on_tiny_collection(tiny, name):
+    model, stats = tiny
+    params = {"first_n": {"n": 3}, "topk": {"k": 2, "score": "r_spread"}, "random": {"k": 2, "seed": 1},
+              "snr": {"k": 2}}.get(name, {})
+    sel = select(stats, name, model=model, **params)
+    assert sel.criterion == name
+    assert sel.layers and set(sel.layers) <= set(stats.layers)
+    assert set(sel.scores) == set(stats.layers)
+    assert all(v == v for v in sel.scores.values())  # no NaN
+    assert sel.explain().startswith(f"criterion {name!r}")
+    assert Selection.from_json(sel.to_json()) == sel
+    st = sel.stability(n_boot=8, seed=0)
+    assert set(st.frequency) == set(stats.layers)
+    assert all(0.0 <= f <= 1.0 for f in st.frequency.values())
+
+
+def test_snr_is_data_free_and_deterministic(tiny):
+    model, stats = tiny
+    a = select(model=model, criterion="snr")
+    assert a.layers == select(stats, "snr", model=model).layers
+    assert len(a.layers) == 2  # round(0.25 * 6) = 2 (Spectrum's top 25%)
+    assert all(v > 0 for v in a.scores.values())
+    st = a.stability(n_boot=3)
+    assert st.resampled.startswith("nothing") and all(st.frequency[x] == 1.0 for x in a.layers)
+
+
+def test_lape_finds_one_percent_of_neurons(tiny):
+    _, stats = tiny
+    sel = select(stats, "lape")
+    total = stats.num_layers * stats.num_neurons
+    n = sel.details["n_specific"]
+    assert n == round(0.01 * total)
+    assert sum(sel.scores.values()) * stats.num_neurons == pytest.approx(n)
+    assert sel.layers == [layer for layer, v in sel.scores.items() if v > sel.threshold] or sel.details["fallback"]
+
+
+def test_resample_stats_equals_collecting_the_resampled_texts(tiny):
+    """A bootstrap resample with per-sample counts is exactly the statistics of the resampled texts."""
+    model, stats = tiny
+    texts = tiny_texts(6)
+    mult = [2, 0, 1, 0, 3, 0]  # question q appears mult[q] times, in every language
+    weights = torch.tensor([mult[int(q)] for q in stats.sample_index])
+    boot = resample_stats(stats, weights)
+    resampled_texts = {g: [t for q, t in enumerate(items) for _ in range(mult[q])] for g, items in texts.items()}
+    direct = ActivationStats.collect(model, tiny_tokenizer(), resampled_texts, progress=False)
+    assert torch.equal(boot.counts, direct.counts) and torch.equal(boot.tokens, direct.tokens)
+    sel_boot, sel_direct = select(boot), select(direct)
+    assert sel_boot.layers == sel_direct.layers
+    assert sel_boot.scores == pytest.approx(sel_direct.scores, rel=1e-9, abs=1e-15)
+    # Without per-sample counts R/MSD are still resampled (from the fractions), overlap is not.
+    lean = ActivationStats(
+        counts=stats.counts, tokens=stats.tokens, groups=stats.groups, layers=stats.layers,
+        sample_fraction=stats.sample_fraction, sample_tokens=stats.sample_tokens,
+        sample_group=stats.sample_group, sample_index=stats.sample_index,
+    )
+    lean_boot = resample_stats(lean, weights)
+    assert torch.allclose(lean_boot.msd(), direct.msd(), rtol=1e-9, atol=1e-15)
+    assert torch.equal(lean_boot.overlap().average, stats.overlap().average)
+
+
+def test_stability_on_tiny_collection_is_seeded(tiny):
+    _, stats = tiny
+    a = stability(stats, "msd", n_boot=15, seed=11)
+    b = stability(stats, "msd", n_boot=15, seed=11)
+    assert a == b
+    assert a.resampled.startswith("everything")
+    assert sum(count for _, count in a.selections) == 15
+    for layer in stats.layers:
+        assert a.score_low[layer] <= a.score_mean[layer] <= a.score_high[layer]
