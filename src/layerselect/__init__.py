@@ -21,12 +21,30 @@ from .errors import (
     LayerSelectError,
     UnsupportedArchitectureError,
 )
+from .criteria import (
+    Selection,
+    Stability,
+    get_criterion,
+    layer_scores,
+    list_criteria,
+    register_criterion,
+    select,
+    stability,
+)
 from .stats import ActivationStats, Overlap
 
 __all__ = [
     "__version__",
     "ActivationStats",
     "Overlap",
+    "select",
+    "Selection",
+    "Stability",
+    "stability",
+    "register_criterion",
+    "get_criterion",
+    "list_criteria",
+    "layer_scores",
     "LayerSelectError",
     "UnsupportedArchitectureError",
     "InvalidInputError",

@@ -123,7 +123,7 @@ def collect_stats(
 
     # Accumulators, created lazily on the device of each layer's activations.
     counts: dict[int, torch.Tensor] = {}
-    sample_fraction = torch.zeros(num_samples, len(layer_ids), dtype=torch.float64)
+    sample_fired: dict[int, torch.Tensor] = {}  # slot -> [S] fired neuron-token totals
     sample_counts = None
     if per_sample_counts:
         longest = max(len(s.ids) for s in samples)
@@ -145,7 +145,11 @@ def collect_stats(
             if acc is None:
                 acc = counts[slot] = torch.zeros(num_groups, num_neurons, dtype=torch.int64, device=act.device)
             acc.index_add_(0, group_ids, per_sample.to(torch.int64))
-            state[f"fired_total{slot}"] = per_sample.to(torch.float64).sum(dim=1)
+            # Per-sample totals stay on the device: no host sync per layer and batch.
+            fired = sample_fired.get(slot)
+            if fired is None:
+                fired = sample_fired[slot] = torch.zeros(num_samples, dtype=torch.float64, device=act.device)
+            fired.index_copy_(0, state["sample_ids"].to(act.device), per_sample.to(torch.float64).sum(dim=1))
             if sample_counts is not None:
                 state[f"per_sample{slot}"] = per_sample
 
@@ -194,16 +198,14 @@ def collect_stats(
                 state["mask"] = mask.to(input_device, torch.float32)
                 state["mask_bool"] = mask.bool().to(input_device)
                 state["group_ids"] = torch.tensor([samples[s].group for s in batch])
+                state["sample_ids"] = torch.tensor(batch)
                 try:
                     model(**kwargs, use_cache=False)
                 except _StopForward:
                     pass
-                lengths = mask.sum(dim=1).double()
-                idx = torch.tensor(batch)
-                for slot in range(len(layer_ids)):
-                    fired_total = state[f"fired_total{slot}"].cpu()
-                    sample_fraction[idx, slot] = fired_total / (lengths * num_neurons)
-                    if sample_counts is not None:
+                if sample_counts is not None:
+                    idx = torch.tensor(batch)
+                    for slot in range(len(layer_ids)):
                         sample_counts[idx, slot] = state[f"per_sample{slot}"].cpu().to(sample_counts.dtype)
                 bar.update(int(mask.sum()))
     finally:
@@ -216,6 +218,10 @@ def collect_stats(
         [counts[s].cpu() if s in counts else torch.zeros(num_groups, num_neurons, dtype=torch.int64) for s in range(len(layer_ids))]
     ).permute(0, 2, 1).contiguous()  # [L, N, G]
     sample_tokens = torch.tensor([len(s.ids) for s in samples], dtype=torch.int64)
+    sample_fraction = torch.stack(
+        [sample_fired[s].cpu() if s in sample_fired else torch.zeros(num_samples, dtype=torch.float64) for s in range(len(layer_ids))],
+        dim=1,
+    ) / (sample_tokens[:, None].double() * num_neurons)
     sample_group = torch.tensor([s.group for s in samples], dtype=torch.int64)
     sample_index = torch.tensor([s.index for s in samples], dtype=torch.int64)
     tokens = torch.zeros(num_groups, dtype=torch.int64).index_add_(0, sample_group, sample_tokens)
