@@ -7,9 +7,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny import tiny_model, tiny_texts, tiny_tokenizer  # noqa: E402
-
 from layerselect import ActivationStats  # noqa: E402
+from tiny import tiny_model, tiny_texts, tiny_tokenizer  # noqa: E402
 
 
 def main(rank: int, world: int, port: str, out: str) -> None:

@@ -2,12 +2,12 @@ import json
 
 import pytest
 import torch
-from tiny import tiny_model, tiny_texts, tiny_tokenizer
 
 from layerselect import ActivationStats
 from layerselect.cli import main
 from layerselect.errors import InvalidInputError
 from layerselect.texts import load_texts
+from tiny import tiny_model, tiny_texts, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,10 @@
 import pytest
 import torch
-from tiny import FAMILIES, tiny_model
 
 from layerselect.arch import FAMILIES as ADAPTER_TABLE
 from layerselect.arch import get_adapter
 from layerselect.errors import InvalidInputError, UnsupportedArchitectureError
+from tiny import FAMILIES, tiny_model
 
 
 @pytest.mark.parametrize("family", FAMILIES)

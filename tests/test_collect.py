@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from tiny import FAMILIES, tiny_model, tiny_texts, tiny_tokenizer
 
 from layerselect import ActivationStats
 from layerselect.arch import get_adapter
 from layerselect.errors import InvalidInputError, UnsupportedArchitectureError
+from tiny import FAMILIES, tiny_model, tiny_texts, tiny_tokenizer
 
 
 def reference_counts(model, tokenizer, texts):

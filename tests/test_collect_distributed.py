@@ -4,9 +4,9 @@ import sys
 from pathlib import Path
 
 import torch
-from tiny import tiny_model, tiny_texts, tiny_tokenizer
 
 from layerselect import ActivationStats
+from tiny import tiny_model, tiny_texts, tiny_tokenizer
 
 
 def _free_port() -> str:

@@ -6,11 +6,11 @@ minute, then uses the cache); the others are marked slow: `pytest -m slow`.
 
 import pytest
 import torch
-from test_collect import reference_counts
 
 from layerselect import ActivationStats
 from layerselect.demo import DEMO_LANGS, load_demo_prompts
 from layerselect.models import load_model
+from test_collect import reference_counts
 
 pytest.importorskip("gguf")
 

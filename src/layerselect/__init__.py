@@ -13,14 +13,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import (
-    BaseModelMismatchError,
-    FormatError,
-    IncompatibleStatsError,
-    InvalidInputError,
-    LayerSelectError,
-    UnsupportedArchitectureError,
-)
 from .criteria import (
     Selection,
     Stability,
@@ -30,6 +22,14 @@ from .criteria import (
     register_criterion,
     select,
     stability,
+)
+from .errors import (
+    BaseModelMismatchError,
+    FormatError,
+    IncompatibleStatsError,
+    InvalidInputError,
+    LayerSelectError,
+    UnsupportedArchitectureError,
 )
 from .stats import ActivationStats, Overlap
 

@@ -1,0 +1,167 @@
+"""``layerselect train``: select layers (or take them), then fine-tune their FFN on X->English pairs.
+
+Example::
+
+    layerselect train --model gemma-3-270m --layers auto --analysis-data mgsm:../shared/data/mgsm \\
+        --train-data pairs:../shared/data/gsm8kinstruct_question --max-pairs 500 --max-steps 50 \\
+        --out runs/slam
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidInputError
+from ._common import add_model_args, load_model_from_args, parse_langs
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="fine-tune the FFN of selected layers on X->English translation (SLAM)",
+        description=(
+            "Train only the FFN matrices of the chosen layers on the paper's translation prompt and "
+            "write a delta adapter. Defaults follow the paper: lr 2e-5, cosine, 3 epochs, "
+            "effective batch 128 (gradient accumulation), max length 1024."
+        ),
+    )
+    add_model_args(p)
+    p.add_argument("--layers", default="auto",
+                   help="'auto' (analyze --analysis-data + msd selection), or a spec like 0-5 / 0,2,4")
+    p.add_argument("--selection", default=None, help="selection.json from `layerselect select` (overrides --layers)")
+    p.add_argument("--criterion", default="msd", help="criterion for --layers auto (default: msd)")
+    p.add_argument("--analysis-data", default=None, help="texts for --layers auto, e.g. mgsm:DIR")
+    p.add_argument("--analysis-limit", type=int, default=None, help="first N texts per language for --layers auto")
+    p.add_argument("--train-data", required=True, help="pairs:DIR ({xx}-en/train.{xx,en}), jsonl:FILE or hf:DIR")
+    p.add_argument("--langs", default=None, help="comma-separated source languages (default: all found)")
+    p.add_argument("--max-pairs", type=int, default=None, help="first N pairs per language")
+    p.add_argument("--holdout", type=int, default=0, help="hold out N pairs per language and report their loss")
+    p.add_argument("--no-filter", action="store_true", help="skip the quality filter")
+    p.add_argument("--target-modules", default="up,down", help="FFN matrices to train (default: up,down)")
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--max-steps", type=int, default=-1, help="stop after N optimizer steps (default: epochs)")
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--batch-size", type=int, default=4, help="per-device batch size")
+    p.add_argument("--grad-accum", type=int, default=None,
+                   help="gradient accumulation steps (default: reach an effective batch of 128)")
+    p.add_argument("--save-steps", type=int, default=500)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="resume from the latest checkpoint in --out, or from the given checkpoint dir")
+    p.add_argument("--out", required=True, help="output directory (checkpoints, adapter/, loss.json/png)")
+    p.set_defaults(func=run)
+
+
+def _resolve_layers(args: argparse.Namespace, model: Any, tokenizer: Any, out: Path) -> tuple[list[int], Any]:
+    """Return (layers, selection-or-None) from --selection, --layers SPEC or --layers auto."""
+    from ..arch import get_adapter
+    from .analyze import parse_layer_spec
+
+    adapter = get_adapter(model)
+    if args.selection:
+        from ..criteria import Selection
+
+        path = Path(args.selection)
+        selection = Selection.load(path / "selection.json" if path.is_dir() else path)
+        return adapter.check_layers([int(x) for x in selection.layers]), selection
+    if args.layers != "auto":
+        layers = parse_layer_spec(args.layers) or []
+        if not layers:
+            raise InvalidInputError(f"layer spec {args.layers!r} names no layer")
+        return adapter.check_layers(layers), None
+    from ..criteria import select
+
+    if not args.analysis_data:
+        if args.criterion == "snr":  # data-free
+            selection = select(model=model, criterion="snr")
+            selection.save(out / "selection.json")
+            return adapter.check_layers([int(x) for x in selection.layers]), selection
+        raise InvalidInputError("--layers auto needs --analysis-data (e.g. mgsm:DIR), or give --layers 0-5")
+    from ..stats import ActivationStats
+    from ..texts import load_texts
+
+    texts = load_texts(args.analysis_data, limit=args.analysis_limit)
+    if "en" not in texts:
+        raise InvalidInputError(f"--analysis-data needs English ('en') texts as the reference; found {sorted(texts)}")
+    print(f"[1/3] analyzing {sum(map(len, texts.values()))} texts in {len(texts)} languages ...", flush=True)
+    stats = ActivationStats.collect(model, tokenizer, texts, model_name=args.model)
+    stats.save(out / "stats")
+    selection = select(stats, criterion=args.criterion)
+    selection.save(out / "selection.json")
+    print(f"      selected layers {list(selection.layers)} ({args.criterion}): {selection.reason}", flush=True)
+    return adapter.check_layers([int(x) for x in selection.layers]), selection
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data import filter_examples, load_translation_data, split_holdout
+    from ..selective_ffn.config import SelectiveFFNConfig
+    from ..selective_ffn.model import get_slam_model
+    from ..train import default_training_args, train_slam, translation_loss
+
+    out = Path(args.out)
+    # Validate the data before the (slow) model load.
+    pairs = load_translation_data(args.train_data, langs=parse_langs(args.langs))
+    heldout = []
+    if args.holdout:
+        pairs, heldout = split_holdout(pairs, per_lang=args.holdout, seed=args.seed)
+    if args.max_pairs is not None:
+        count: dict[str, int] = {}
+        kept = []
+        for pair in pairs:
+            count[pair.lang] = count.get(pair.lang, 0) + 1
+            if count[pair.lang] <= args.max_pairs:
+                kept.append(pair)
+        pairs = kept
+    if not args.no_filter:
+        pairs, report = filter_examples(pairs)
+        print(f"quality filter: {report}", flush=True)
+    langs = sorted({p.lang for p in pairs})
+    print(f"training pairs: {len(pairs)} in {len(langs)} languages ({', '.join(langs)})", flush=True)
+
+    model, tokenizer = load_model_from_args(args)
+    out.mkdir(parents=True, exist_ok=True)
+    layers, selection = _resolve_layers(args, model, tokenizer, out)
+    config = SelectiveFFNConfig(
+        layers=selection if selection is not None and hasattr(selection, "layers") else layers,
+        target_modules=[t.strip() for t in args.target_modules.split(",") if t.strip()],
+        base_model_name_or_path=args.model,
+    )
+    slam = get_slam_model(model, config)
+    if hasattr(slam, "print_trainable_parameters"):
+        slam.print_trainable_parameters()
+    overrides: dict[str, Any] = dict(
+        learning_rate=args.lr, num_train_epochs=args.epochs, max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size, save_steps=args.save_steps, seed=args.seed,
+    )
+    if args.grad_accum is not None:
+        overrides["gradient_accumulation_steps"] = args.grad_accum
+    if args.device == "cpu":
+        overrides["use_cpu"] = True
+    training_args = default_training_args(out, **overrides)
+    before = translation_loss(model, tokenizer, heldout, max_length=args.max_length) if heldout else None
+    print(f"[2/3] training layers {layers} (effective batch "
+          f"{training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size}"
+          f", lr {training_args.learning_rate}) ...", flush=True)
+    resume: bool | str | None = True if args.resume == "latest" else args.resume
+    adapter_dir = train_slam(slam, tokenizer, pairs, None, training_args, output_dir=out,
+                             max_length=args.max_length, resume_from_checkpoint=resume)
+    summary = json.loads((out / "train_summary.json").read_text(encoding="utf-8"))
+    if heldout:
+        after = translation_loss(model, tokenizer, heldout, max_length=args.max_length)
+        summary.update(heldout_pairs=len(heldout), heldout_loss_before=before, heldout_loss_after=after)
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    print("[3/3] done")
+    print(f"  layers:               {layers}")
+    print(f"  trainable parameters: {summary['trainable_parameters']:,} of {summary['total_parameters']:,} "
+          f"({summary['trainable_percent']:.2f}%)")
+    print(f"  steps:                {summary['steps']} ({summary['seconds']:.1f}s, "
+          f"mean train loss {summary['train_loss']:.4f})")
+    if heldout:
+        print(f"  held-out loss:        {before:.4f} -> {summary['heldout_loss_after']:.4f} ({len(heldout)} pairs)")
+    print(f"  loss curve:           {out / 'loss.png'} , {out / 'loss.json'}")
+    print(f"  adapter:              {adapter_dir}")
+    return 0

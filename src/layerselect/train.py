@@ -1,0 +1,436 @@
+"""One-stage alignment training on Hugging Face ``Trainer``, with adapter-only checkpoints.
+
+:func:`train_slam` takes a model, its tokenizer, X->English pairs and a
+:class:`~layerselect.selective_ffn.SelectiveFFNConfig`, freezes everything but
+the selected FFN matrices, trains, and returns the adapter directory
+(``adapter_config.json`` + ``adapter_model.safetensors`` holding deltas).
+
+Paper defaults (:data:`PAPER_DEFAULTS`; every one can be overridden):
+
+- ``learning_rate=2e-5``, ``lr_scheduler_type="cosine"``, 3% warmup,
+  no weight decay, ``num_train_epochs=3``;
+- effective batch size 128 = ``per_device_train_batch_size`` x
+  ``gradient_accumulation_steps`` x number of processes (the accumulation is
+  derived from the other two unless you set it);
+- ``max_length=1024`` tokens per example;
+- bf16 where the hardware has it (a CUDA GPU with bf16), float32 otherwise.
+
+The paper (and QAlign, whose data and trainer it reuses) trains with lr 2e-5,
+batch 128 and a cosine schedule; the epoch count is not fixed by the
+DESIGN notes, so 3 epochs (the QAlign/Alpaca recipe) is our documented choice.
+
+Checkpoints (``OUT/checkpoint-N/``) hold the adapter files, the exact current
+values of the trainable matrices (``trainable_weights.safetensors``, so a
+resume is bitwise exact whatever the delta dtype), the optimizer / scheduler /
+RNG state and ``trainer_state.json`` -- never the whole model. Pass
+``resume_from_checkpoint=True`` (latest) or a path to continue.
+
+Example:
+    >>> from layerselect.models import load_model
+    >>> from layerselect.selective_ffn import SelectiveFFNConfig
+    >>> from layerselect.data import load_translation_data
+    >>> from layerselect.train import train_slam
+    >>> model, tok = load_model("gemma-3-270m")                                     # doctest: +SKIP
+    >>> pairs = load_translation_data("pairs:../shared/data/gsm8kinstruct_question",
+    ...                               max_pairs=500)                                # doctest: +SKIP
+    >>> adapter_dir = train_slam(model, tok, pairs, SelectiveFFNConfig(layers=[0]),
+    ...                          output_dir="runs/slam", max_steps=50,
+    ...                          per_device_train_batch_size=8,
+    ...                          gradient_accumulation_steps=1)                     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from .data import TranslationCollator, TranslationDataset, TranslationExample, examples_from_hf
+from .errors import InvalidInputError
+
+__all__ = [
+    "PAPER_DEFAULTS",
+    "EFFECTIVE_BATCH_SIZE",
+    "TRAINABLE_WEIGHTS_NAME",
+    "default_training_args",
+    "SLAMTrainer",
+    "train_slam",
+    "build_train_dataset",
+    "save_loss_log",
+    "translation_loss",
+    "plain_text_features",
+]
+
+#: Effective batch size of the paper (per-device x accumulation x processes).
+EFFECTIVE_BATCH_SIZE = 128
+#: Our defaults for ``transformers.TrainingArguments`` (see the module docstring).
+PAPER_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 2e-5,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.03,
+    "weight_decay": 0.0,
+    "num_train_epochs": 3,
+    "per_device_train_batch_size": 4,
+    "logging_steps": 1,
+    "save_strategy": "steps",
+    "save_steps": 500,
+    "save_total_limit": 2,
+    "report_to": "none",
+    "remove_unused_columns": False,
+    "seed": 42,
+}
+#: Exact trainable tensors in each checkpoint (for bitwise resume).
+TRAINABLE_WEIGHTS_NAME = "trainable_weights.safetensors"
+ADAPTER_SUBDIR = "adapter"
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def default_training_args(output_dir: str | os.PathLike[str], **overrides: Any):
+    """``TrainingArguments`` with :data:`PAPER_DEFAULTS`, bf16 when available, accumulation to batch 128.
+
+    ``gradient_accumulation_steps`` defaults to ``ceil(128 / (per_device x processes))``.
+
+    Example:
+        >>> args = default_training_args("/tmp/x", per_device_train_batch_size=8)   # doctest: +SKIP
+        >>> args.gradient_accumulation_steps                                        # doctest: +SKIP
+        16
+    """
+    from transformers import TrainingArguments
+
+    kwargs = dict(PAPER_DEFAULTS)
+    kwargs.update(overrides)
+    if "gradient_accumulation_steps" not in overrides:
+        per_step = kwargs["per_device_train_batch_size"] * _world_size()
+        kwargs["gradient_accumulation_steps"] = max(1, math.ceil(EFFECTIVE_BATCH_SIZE / per_step))
+    if "bf16" not in overrides and "fp16" not in overrides:
+        kwargs["bf16"] = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    return TrainingArguments(output_dir=str(output_dir), **kwargs)
+
+
+def build_train_dataset(data: Any, tokenizer: Any, max_length: int | None = 1024) -> torch.utils.data.Dataset:
+    """Normalise training data: pairs (list of :class:`TranslationExample`), a HF dataset with
+    lang/source/target, or an already tokenized dataset (items with ``input_ids``/``labels``)."""
+    if isinstance(data, TranslationDataset):
+        return data
+    if isinstance(data, Sequence) and data and isinstance(data[0], TranslationExample):
+        return TranslationDataset(data, tokenizer, max_length=max_length)
+    names = getattr(data, "column_names", None)
+    if names is not None:
+        if "input_ids" in names and "labels" in names:
+            return data
+        return TranslationDataset(examples_from_hf(data), tokenizer, max_length=max_length)
+    if isinstance(data, torch.utils.data.Dataset):
+        return data
+    if isinstance(data, Sequence) and data and isinstance(data[0], dict) and "input_ids" in data[0]:
+        return _FeatureList(data)
+    if isinstance(data, Sequence) and not data:
+        raise InvalidInputError("the training data is empty")
+    raise InvalidInputError(
+        f"cannot train on {type(data).__name__}: pass TranslationExample pairs, a TranslationDataset, "
+        "or a datasets.Dataset with lang/source/target (or input_ids/labels) columns"
+    )
+
+
+class _FeatureList(torch.utils.data.Dataset):
+    def __init__(self, items: Sequence[dict[str, Any]]) -> None:
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.items[i]
+
+
+def plain_text_features(texts: Sequence[str], tokenizer: Any, max_length: int | None = 1024) -> list[dict[str, Any]]:
+    """Language-modelling features for plain texts (loss on every token after the first).
+
+    Example:
+        >>> feats = plain_text_features(["Janet has 3 ducks."], tokenizer)   # doctest: +SKIP
+        >>> translation_loss(model, tokenizer, feats)                         # doctest: +SKIP
+    """
+    out = []
+    for text in texts:
+        ids = list(tokenizer(text, truncation=max_length is not None, max_length=max_length)["input_ids"])
+        out.append({"input_ids": ids, "labels": [-100] + ids[1:], "attention_mask": [1] * len(ids)})
+    return out
+
+
+# ---------------------------------------------------------------------------- model plumbing
+
+
+def _is_slam_model(model: Any) -> bool:
+    from .selective_ffn.model import SelectiveFFNModel
+
+    return isinstance(model, SelectiveFFNModel)
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_trainable(model: torch.nn.Module, path: Path, state_dict: dict | None = None) -> None:
+    """Exact values of the trainable tensors, by name (from ``state_dict`` when the Trainer gathered one)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, param in _trainable(model).items():
+        value = param
+        if state_dict is not None:
+            value = state_dict.get(name, next((v for k, v in state_dict.items() if k.endswith("." + name)), param))
+        tensors[name] = value.detach().contiguous().cpu()
+    save_file(tensors, str(path))
+
+
+def _load_trainable(model: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path))
+    params = _trainable(model)
+    if set(saved) != set(params):
+        raise InvalidInputError(
+            f"checkpoint {path.parent} trains {sorted(saved)[:4]}... but this model trains "
+            f"{sorted(params)[:4]}...; resume with the same layers and target modules"
+        )
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(saved[n].to(p.device, p.dtype))
+
+
+class SLAMTrainer(Trainer):
+    """``Trainer`` whose checkpoints hold only the adapter (+ exact trainable weights).
+
+    ``slam_model`` is the ``SelectiveFFNModel`` whose ``save_pretrained`` writes
+    the delta adapter; ``self.model`` is what trains (the same weights). Each
+    ``checkpoint-N/`` gets the adapter files, ``trainable_weights.safetensors``,
+    ``training_args.bin`` and (from ``Trainer``) optimizer / scheduler / RNG /
+    ``trainer_state.json``; resuming loads the trainable weights back.
+    """
+
+    def __init__(self, *args: Any, slam_model: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.slam_model = slam_model
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        if self.slam_model is not None:
+            self.slam_model.save_pretrained(output_dir, state_dict=state_dict)
+        _save_trainable(model, Path(output_dir) / TRAINABLE_WEIGHTS_NAME, state_dict)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        path = Path(resume_from_checkpoint) / TRAINABLE_WEIGHTS_NAME
+        if not path.is_file():
+            raise InvalidInputError(
+                f"{resume_from_checkpoint} is not a layerselect checkpoint (no {TRAINABLE_WEIGHTS_NAME})"
+            )
+        _load_trainable(model, path)
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        if best:
+            self._load_from_checkpoint(best)
+
+
+# ---------------------------------------------------------------------------- loss log
+
+
+def save_loss_log(log_history: Sequence[dict[str, Any]], out_dir: str | os.PathLike[str]) -> tuple[Path, Path | None]:
+    """Write ``loss.json`` (step, loss, learning_rate, epoch) and ``loss.png`` (matplotlib, Agg)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {k: e[k] for k in ("step", "loss", "learning_rate", "epoch", "grad_norm") if k in e}
+        for e in log_history
+        if "loss" in e
+    ]
+    evals = [{k: e[k] for k in ("step", "eval_loss", "epoch") if k in e} for e in log_history if "eval_loss" in e]
+    json_path = out / "loss.json"
+    json_path.write_text(json.dumps({"train": rows, "eval": evals}, indent=1) + "\n", encoding="utf-8")
+    png_path: Path | None = out / "loss.png"
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train")
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (target tokens)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(png_path, dpi=100)
+        plt.close(fig)
+    except ImportError:
+        png_path = None
+    return json_path, png_path
+
+
+# ---------------------------------------------------------------------------- train
+
+
+def train_slam(
+    model: Any,
+    tokenizer: Any,
+    train_dataset: Any,
+    config: Any = None,
+    training_args: Any = None,
+    *,
+    output_dir: str | os.PathLike[str] | None = None,
+    max_length: int | None = 1024,
+    eval_dataset: Any = None,
+    resume_from_checkpoint: bool | str | None = None,
+    callbacks: Sequence[Any] | None = None,
+    return_trainer: bool = False,
+    **overrides: Any,
+) -> Path | tuple[Path, Any]:
+    """Train the selected FFN matrices on X->English pairs; return the final adapter directory.
+
+    Args:
+        model: a causal LM (wrapped with :func:`get_slam_model` using ``config``)
+            or an existing ``SelectiveFFNModel`` (then ``config`` may be None).
+        tokenizer: its tokenizer (pads with ``pad_token_id``, else EOS).
+        train_dataset: :class:`TranslationExample` pairs, a :class:`TranslationDataset`,
+            or a ``datasets.Dataset`` (lang/source/target or input_ids/labels columns).
+        config: :class:`SelectiveFFNConfig` (layers, target modules).
+        training_args: a full ``TrainingArguments``; if None, :func:`default_training_args`
+            builds one from ``output_dir`` and ``overrides`` (e.g. ``max_steps=50``).
+        output_dir: where checkpoints, ``adapter/``, ``loss.json``/``loss.png`` and
+            ``train_summary.json`` go (default: ``training_args.output_dir``).
+        max_length: truncation of tokenized pairs (paper: 1024).
+        eval_dataset: optional held-out pairs, evaluated per ``eval_strategy``.
+        resume_from_checkpoint: True (latest in ``output_dir``) or a checkpoint path.
+        return_trainer: also return the ``Trainer`` (for inspection / tests).
+
+    Returns:
+        ``OUT/adapter``, loadable with ``SelectiveFFNModel.from_pretrained(base, path)``.
+    """
+    from .selective_ffn.model import get_slam_model
+
+    if training_args is None:
+        if output_dir is None:
+            raise InvalidInputError("train_slam needs output_dir (or training_args with an output_dir)")
+        training_args = default_training_args(output_dir, **overrides)
+    elif overrides:
+        raise InvalidInputError(
+            f"pass either training_args or keyword overrides, not both (got {sorted(overrides)})"
+        )
+    out = Path(output_dir if output_dir is not None else training_args.output_dir)
+
+    if _is_slam_model(model):
+        slam = model
+    else:
+        if config is None:
+            raise InvalidInputError("train_slam needs a SelectiveFFNConfig (which layers to train)")
+        slam = get_slam_model(model, config)
+    train_model = _training_module(slam)
+    train_ds = build_train_dataset(train_dataset, tokenizer, max_length)
+    eval_ds = build_train_dataset(eval_dataset, tokenizer, max_length) if eval_dataset is not None else None
+    collator = TranslationCollator.for_tokenizer(tokenizer)
+    if not _trainable(train_model):
+        raise InvalidInputError("the model has no trainable parameters; check SelectiveFFNConfig.layers")
+
+    trainer = SLAMTrainer(
+        model=train_model,
+        args=training_args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=collator,
+        callbacks=list(callbacks or []),
+        slam_model=slam,
+    )
+    was_training = train_model.training
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    seconds = time.perf_counter() - start
+    train_model.train(was_training)
+    adapter_dir = out / ADAPTER_SUBDIR
+    if training_args.should_save:
+        slam.save_pretrained(adapter_dir)
+        save_loss_log(trainer.state.log_history, out)
+        n_train = sum(p.numel() for p in _trainable(train_model).values())
+        n_all = sum(p.numel() for p in train_model.parameters())
+        summary = {
+            "adapter_dir": str(adapter_dir),
+            "layers": list(getattr(getattr(slam, "adapter_config", None) or config, "layers", []) or []),
+            "trainable_parameters": n_train,
+            "total_parameters": n_all,
+            "trainable_percent": 100.0 * n_train / max(n_all, 1),
+            "steps": trainer.state.global_step,
+            "examples": len(train_ds),
+            "train_loss": result.training_loss,
+            "seconds": seconds,
+            "effective_batch_size": training_args.per_device_train_batch_size
+            * training_args.gradient_accumulation_steps
+            * training_args.world_size,
+            "learning_rate": training_args.learning_rate,
+            "lr_scheduler_type": str(getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)),
+        }
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    if training_args.world_size > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return (adapter_dir, trainer) if return_trainer else adapter_dir
+
+
+def _training_module(slam: Any) -> torch.nn.Module:
+    """The module the Trainer should drive: the wrapper if it is a PreTrainedModel, else its base."""
+    from transformers import PreTrainedModel
+
+    if isinstance(slam, PreTrainedModel):
+        return slam
+    for attr in ("base_model", "model"):
+        inner = getattr(slam, attr, None)
+        if isinstance(inner, PreTrainedModel):
+            return inner
+    return slam
+
+
+@torch.no_grad()
+def translation_loss(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    data: Any,
+    batch_size: int = 8,
+    max_length: int | None = 1024,
+) -> float:
+    """Mean per-token loss on the target tokens of ``data`` (pairs or a tokenized dataset).
+
+    For plain-text loss, pass items with ``labels == input_ids``.
+    """
+    ds = build_train_dataset(data, tokenizer, max_length)
+    collator = TranslationCollator.for_tokenizer(tokenizer)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(ds), batch_size):
+        batch = collator([ds[j] for j in range(i, min(i + batch_size, len(ds)))])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+        mask = labels != -100
+        nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        total += float(nll[mask].sum())
+        count += int(mask.sum())
+    model.train(was_training)
+    return total / max(count, 1)
