@@ -97,10 +97,11 @@ def run_demo(
         seed=seed,
         disable_tqdm=not progress,
     )
-    trained = base  # train_slam trains the base in place through the wrapper
-    summary_path = Path(adapter_dir).parent / "train_summary.json"
-    train_summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    losses = train_summary.get("loss_first_last") or []
+    trained = base  # train_slam trains the base model's own tensors in place
+    loss_log = json.loads((Path(adapter_dir).parent / "loss.json").read_text())["train"]
+    losses = [loss_log[0]["loss"], loss_log[-1]["loss"]] if loss_log else []
+    if losses:
+        print(f"training loss (target tokens) {losses[0]:.4f} -> {losses[1]:.4f}")
     print(f"adapter written to {adapter_dir}")
 
     _say(5, total, "Reloading the adapter onto a fresh base model and verifying the weights")
@@ -117,15 +118,26 @@ def run_demo(
     n_changed = len(reloaded.target_names())
     print(f"all {len(trained_state)} parameter tensors match bit for bit ({n_changed} carry trained deltas)")
 
-    _say(6, total, "Overlap with English in the selected layers, before vs after training")
-    after = ActivationStats.collect(reloaded.get_base_model(), tokenizer, texts, batch_size=16, progress=progress, model_name=model)
+    _say(6, total, "Overlap with English, before vs after training (selected layers and the ones above)")
+    after = ActivationStats.collect(
+        reloaded.get_base_model(), tokenizer, texts, batch_size=16, progress=progress, model_name=model
+    )
     after.save(out / "stats_after")
     avg_before, avg_after = before.overlap("en").average, after.overlap("en").average
+    # Firing at layer l depends on its (untrained) gate matrix and on the layers below,
+    # so with the default up/down targets the lowest selected layer cannot move;
+    # the layers above it show the effect.
+    shown = [layer for layer in before.layers if layer <= max(selection.layers) + 3]
     rows = []
-    for layer in selection.layers:
+    for layer in shown:
         i = before.layers.index(layer)
-        rows.append({"layer": layer, "before": float(avg_before[i]), "after": float(avg_after[i])})
-        print(f"  layer {layer:2d}: average overlap with English {rows[-1]['before']:.4f} -> {rows[-1]['after']:.4f}")
+        rows.append({"layer": layer, "selected": layer in selection.layers,
+                     "before": float(avg_before[i]), "after": float(avg_after[i])})
+        mark = "*" if layer in selection.layers else " "
+        print(f"  layer {layer:2d}{mark} average overlap with English {rows[-1]['before']:.4f} -> "
+              f"{rows[-1]['after']:.4f} ({rows[-1]['after'] - rows[-1]['before']:+.4f})")
+    print("  (* = trained; a trained layer's own firing depends on its gate matrix, which the "
+          "default targets up_proj/down_proj leave frozen)")
 
     summary = {
         "model": model,
@@ -135,7 +147,7 @@ def run_demo(
         "adapter": str(adapter_dir),
         "adapter_bytes": sum(f.stat().st_size for f in Path(adapter_dir).iterdir()),
         "reload_bitwise_equal": not mismatched,
-        "overlap_selected_layers": rows,
+        "overlap_before_after": rows,
         "seconds": round(time.time() - started, 1),
         "files": {
             "stats_before": str(out / "stats_before"),
