@@ -1,0 +1,133 @@
+"""``layerselect eval``: accuracy per language and PCR, with resumable generations.
+
+Example::
+
+    layerselect eval --model smollm2-135m --task mgsm --data ../shared/data/mgsm \\
+        --langs en,de,zh --limit 20 --out results/
+    layerselect eval --task mgsm --out results/ --rescore     # re-score, no model
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from typing import Any
+
+from ..errors import InvalidInputError
+from ..texts import PAPER_LANGS
+from ._common import add_model_args, load_model_from_args, parse_langs
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..eval.generate import DEFAULT_MAX_NEW_TOKENS
+    from ..eval.tasks import TASKS
+
+    p = sub.add_parser(
+        "eval",
+        help="accuracy per language and prediction consistency (MGSM, MSVAMP, xCSQA)",
+        description=(
+            "Generate answers greedily with the paper's prompt, score the last number (or label), "
+            "and print accuracy per language, their average, and PCR against English. Every "
+            "generation is saved to OUT/{task}_{lang}.jsonl; rerunning resumes where it stopped."
+        ),
+    )
+    add_model_args(p)
+    p.add_argument("--adapter", default=None, help="selective-FFN adapter directory, merged into --model")
+    p.add_argument("--task", default=None, choices=sorted(TASKS),
+                   help="benchmark (default: mgsm; with --rescore: the one in OUT/run.json)")
+    p.add_argument("--data", default=None, help="the task's data folder (default: $LAYERSELECT_DATA_DIR/{task})")
+    p.add_argument("--langs", default=None,
+                   help=f"comma-separated languages (default: those of {','.join(PAPER_LANGS)} found in --data)")
+    p.add_argument("--limit", type=int, default=None, help="first N questions per language")
+    p.add_argument("--out", required=True, help="output folder (generations JSONL, results.json, results.md)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    p.add_argument("--backend", choices=("transformers", "vllm"), default="transformers")
+    p.add_argument("--tensor-parallel-size", type=int, default=None, help="vllm: GPUs per model")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None, help="vllm: fraction of GPU memory")
+    p.add_argument("--rescore", action="store_true", help="re-score saved generations in --out; no model is loaded")
+    p.add_argument("--overwrite", action="store_true", help="discard saved generations and start again")
+    p.add_argument("--reference", default="en", help="language PCR is measured against (default: en)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=run)
+
+
+def _default_data(task: str) -> str:
+    from ..texts import default_data_dir
+
+    base = default_data_dir()
+    if base is None or not (base / task).is_dir():
+        raise InvalidInputError(f"pass --data, the {task} data folder (no default found)")
+    return str(base / task)
+
+
+def _apply_adapter(model: Any, adapter: str) -> Any:
+    try:
+        from ..selective_ffn import SelectiveFFNModel
+    except ImportError as exc:
+        raise InvalidInputError(
+            f"--adapter needs layerselect.selective_ffn, which could not be imported ({exc})"
+        ) from exc
+    return SelectiveFFNModel.from_pretrained(model, adapter).merge_and_unload()
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..eval import evaluate, rescore
+
+    langs = parse_langs(args.langs)
+    if args.rescore:  # task None -> the one recorded in run.json
+        table = rescore(args.out, task=args.task, langs=langs, limit=args.limit,
+                        reference=args.reference, verbose=not args.quiet)
+        _print_quiet(args, table)
+        return 0
+    args.task = args.task or "mgsm"
+    data = args.data or _default_data(args.task)
+    if langs is None:
+        from ..eval.tasks import get_task
+
+        found = get_task(args.task).available_langs(data)
+        langs = [x for x in PAPER_LANGS if x in found] or found
+    name = args.model + (f"+{args.adapter}" if args.adapter else "")
+    common = dict(
+        langs=langs, data=data, limit=args.limit, out_dir=args.out, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, model_name=name, reference=args.reference,
+        overwrite=args.overwrite, verbose=not args.quiet,
+    )
+    if args.backend == "vllm":
+        vllm_kwargs = {"dtype": args.dtype} if args.dtype != "float32" else {}
+        if args.tensor_parallel_size:
+            vllm_kwargs["tensor_parallel_size"] = args.tensor_parallel_size
+        if args.gpu_memory_utilization:
+            vllm_kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
+        if args.adapter is None and args.gguf_file is None:
+            from ..models import resolve_model
+
+            path = resolve_model(args.model)
+            table = evaluate(path, None, args.task, backend="vllm", vllm_kwargs=vllm_kwargs, **common)
+            _print_quiet(args, table)
+            return 0
+        # Merge on the CPU and serve the merged checkpoint.
+        model, tokenizer = load_model_from_args(args)
+        if args.adapter:
+            model = _apply_adapter(model, args.adapter)
+        with tempfile.TemporaryDirectory(prefix="layerselect-merged-") as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            del model
+            table = evaluate(tmp, None, args.task, backend="vllm", vllm_kwargs=vllm_kwargs, **common)
+        _print_quiet(args, table)
+        return 0
+    model, tokenizer = load_model_from_args(args)
+    if args.adapter:
+        model = _apply_adapter(model, args.adapter)
+    print(f"evaluating {name} on {args.task} in {', '.join(langs)}", file=sys.stderr)
+    table = evaluate(model, tokenizer, args.task, **common)
+    _print_quiet(args, table)
+    return 0
+
+
+def _print_quiet(args: argparse.Namespace, table: dict[str, Any]) -> None:
+    """With --quiet, evaluate prints nothing; the table is still the command's output."""
+    if args.quiet:
+        print(table["markdown"])

@@ -1,0 +1,357 @@
+"""``evaluate``: generate, extract, score, and keep every generation on disk (resumable).
+
+Output folder layout (``out_dir``)::
+
+    run.json               settings the generations were made with (checked on resume)
+    {task}_{lang}.jsonl    one record per question: id, lang, question, gold,
+                           response, prediction, correct
+    results.json           accuracy per language, average, PCR per language
+    results.md             the same as a markdown table (paper Table 2 layout)
+
+Records are appended line by line and flushed after every batch, so an
+interrupted run loses at most the batch in flight. On restart, finished
+records are kept and only the missing questions are generated; a truncated
+last line (a crash mid-write) is dropped and the file repaired. When a
+language is complete its file is rewritten (atomically) in dataset order, so
+an interrupted-and-resumed run leaves the same files as an uninterrupted one.
+:func:`rescore` re-extracts and re-scores the saved responses without a model.
+
+Example:
+    >>> from layerselect.eval import evaluate
+    >>> table = evaluate(model, tokenizer, "mgsm", langs=["en", "de"], data="../shared/data/mgsm",
+    ...                  limit=20, out_dir="results/")                      # doctest: +SKIP
+    >>> table["accuracy"]["de"], table["pcr"]["de"]                         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .._io import write_json
+from ..errors import FormatError, InvalidInputError
+from .generate import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_STOP,
+    PROMPT_TEMPLATE,
+    Generator,
+    TransformersGenerator,
+    VLLMGenerator,
+    build_prompt,
+)
+from .metrics import format_table, score_table
+from .tasks import Example, Task, get_task
+
+__all__ = ["evaluate", "rescore", "read_records", "records_path", "write_results"]
+
+_RUN_KEYS = ("task", "model", "prompt_template", "max_new_tokens", "stop")
+
+
+def records_path(out_dir: str | os.PathLike[str], task: str | Task, lang: str) -> Path:
+    """Where the generations of ``lang`` live: ``out_dir/{task}_{lang}.jsonl``."""
+    return Path(out_dir) / f"{get_task(task).name}_{lang}.jsonl"
+
+
+def read_records(path: str | os.PathLike[str], repair: bool = True) -> list[dict[str, Any]]:
+    """The records of a generations file; ``[]`` when it does not exist.
+
+    A last line that is unterminated or not valid JSON (a crash mid-write) is
+    dropped, and with ``repair=True`` the file is truncated to its last good
+    line. Any other bad line raises :class:`~layerselect.errors.FormatError`.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    records: list[dict[str, Any]] = []
+    good_end = 0
+    pos = 0
+    while pos < len(data):
+        nl = data.find(b"\n", pos)
+        end = len(data) if nl == -1 else nl + 1
+        line = data[pos:end]
+        is_last = end >= len(data)
+        try:
+            rec = json.loads(line.decode("utf-8")) if line.strip() else None
+            if rec is not None and not (isinstance(rec, dict) and "id" in rec):
+                raise ValueError("not a record")
+            if nl == -1 and rec is not None:
+                raise ValueError("unterminated")
+        except (ValueError, UnicodeDecodeError):
+            if is_last:
+                break
+            lineno = data[:pos].count(b"\n") + 1
+            raise FormatError(
+                f"{path}: line {lineno} is not a JSON record; "
+                "fix or delete the file (or pass overwrite=True / --overwrite)"
+            ) from None
+        if rec is not None:
+            records.append(rec)
+        good_end = end
+        pos = end
+    if repair and good_end < len(data):
+        with open(path, "r+b") as fh:
+            fh.truncate(good_end)
+        print(f"[eval] {path.name}: dropped a truncated last line", file=sys.stderr)
+    return records
+
+
+def _record(example: Example, response: str, task: Task) -> dict[str, Any]:
+    pred = task.extract(response)
+    return {
+        "id": example.id,
+        "lang": example.lang,
+        "question": example.question,
+        "gold": example.answer,
+        "response": response,
+        "prediction": pred,
+        "correct": task.is_correct(pred, example.answer),
+    }
+
+
+def _rewrite(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _check_run(out_dir: Path, settings: dict[str, Any], overwrite: bool) -> None:
+    path = out_dir / "run.json"
+    if path.exists() and not overwrite:
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            old = {}
+        diff = [k for k in _RUN_KEYS if k in old and old[k] != settings[k]]
+        if diff:
+            details = "; ".join(f"{k}: {old[k]!r} -> {settings[k]!r}" for k in diff)
+            raise InvalidInputError(
+                f"{out_dir} holds generations made with other settings ({details}); "
+                "use another output folder, or overwrite=True / --overwrite to start again"
+            )
+    write_json(path, settings)
+
+
+def write_results(out_dir: str | os.PathLike[str], table: dict[str, Any], title: str = "") -> str:
+    """Save ``table`` as ``results.json`` and ``results.md``; return the markdown."""
+    out_dir = Path(out_dir)
+    md = format_table(table, title=title)
+    write_json(out_dir / "results.json", table)
+    (out_dir / "results.md").write_text(md + "\n", encoding="utf-8")
+    return md
+
+
+def _load_examples(task: Task, data: str | os.PathLike[str], langs: Sequence[str], limit: int | None):
+    examples = {lang: task.load(data, lang, limit) for lang in langs}
+    return examples
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    task: str | Task,
+    langs: Sequence[str] | None = None,
+    data: str | os.PathLike[str] | None = None,
+    limit: int | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    batch_size: int = 8,
+    *,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    stop: Sequence[str] = DEFAULT_STOP,
+    backend: str = "transformers",
+    generator: Generator | None = None,
+    model_name: str | None = None,
+    reference: str = "en",
+    overwrite: bool = False,
+    verbose: bool = True,
+    vllm_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``model`` on ``task`` in ``langs``; return the Table-2 numbers.
+
+    Args:
+        model: a causal LM (transformers backend), or a checkpoint path (vLLM backend).
+        tokenizer: its tokenizer (unused by vLLM; may be None there).
+        task: ``"mgsm"``, ``"msvamp"``, ``"xcsqa"`` or a :class:`~layerselect.eval.tasks.Task`.
+        langs: languages to evaluate (default: every language found in ``data``).
+        data: the task's data folder (see :mod:`layerselect.eval.tasks`).
+        limit: the first ``limit`` questions per language.
+        out_dir: where generations and results go (see module doc); None keeps
+            everything in memory (no resume).
+        batch_size: prompts per generate call (transformers backend).
+        max_new_tokens: generation limit per response (paper: 512).
+        stop: stop strings ending a response.
+        backend: ``"transformers"`` or ``"vllm"``.
+        generator: any callable ``prompts -> responses``; overrides ``backend``.
+        model_name: recorded in ``run.json``; a resume with another name is refused.
+        reference: the language PCR is measured against.
+        overwrite: discard existing generations in ``out_dir`` for these languages.
+        verbose: progress and the table on stderr/stdout.
+        vllm_kwargs: extra ``vllm.LLM`` arguments.
+
+    Returns:
+        :func:`~layerselect.eval.metrics.score_table` output plus ``"task"``,
+        ``"model"`` and ``"markdown"``. PCR is empty when ``reference`` is not
+        among ``langs``.
+    """
+    task = get_task(task)
+    if data is None:
+        raise InvalidInputError(f"evaluate needs data=, the {task.name} data folder")
+    if langs is None:
+        langs = task.available_langs(data)
+        if not langs:
+            raise InvalidInputError(f"no {task.name} data files found in {data}")
+    langs = list(dict.fromkeys(langs))
+    examples = _load_examples(task, data, langs, limit)
+    if reference in examples:
+        ref_ids = [e.id for e in examples[reference]]
+        for lang, exs in examples.items():
+            if [e.id for e in exs] != ref_ids and set(e.id for e in exs) != set(ref_ids):
+                raise InvalidInputError(
+                    f"PCR needs the same questions in every language, but {task.name} {lang!r} has "
+                    f"{len(exs)} questions and {reference!r} {len(ref_ids)} with different ids; "
+                    f"check the data files or drop {reference!r} from langs"
+                )
+    name = model_name or str(getattr(getattr(model, "config", None), "name_or_path", model))
+
+    custom = generator is not None
+    if generator is None:
+        if backend == "transformers":
+            generator = TransformersGenerator(
+                model, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens, stop=stop
+            )
+        elif backend == "vllm":
+            if not isinstance(model, (str, os.PathLike)):
+                raise InvalidInputError(
+                    "the vllm backend serves a checkpoint: pass its path as model "
+                    "(merge an adapter and save_pretrained it first)"
+                )
+            generator = VLLMGenerator(model, max_new_tokens=max_new_tokens, stop=stop, **(vllm_kwargs or {}))
+        else:
+            raise InvalidInputError(f"unknown backend {backend!r}; use 'transformers' or 'vllm'")
+
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        settings = {
+            "task": task.name,
+            "model": name,
+            "prompt_template": PROMPT_TEMPLATE,
+            "max_new_tokens": max_new_tokens,
+            "stop": list(stop),
+            "langs": langs,
+            "limit": limit,
+        }
+        _check_run(out, settings, overwrite)
+
+    correct: dict[str, dict[str, bool]] = {}
+    for lang in langs:
+        exs = examples[lang]
+        path = records_path(out, task, lang) if out is not None else None
+        if path is not None and overwrite and path.exists():
+            path.unlink()
+        done = {str(r["id"]): r for r in read_records(path)} if path is not None else {}
+        todo = [e for e in exs if e.id not in done]
+        if verbose:
+            print(f"[eval] {task.name} {lang}: {len(exs) - len(todo)}/{len(exs)} done, "
+                  f"generating {len(todo)}", file=sys.stderr)
+        # Longest prompts first: batches of similar length waste less padding.
+        todo.sort(key=lambda e: -len(task.format_query(e)))
+        step = batch_size if backend == "transformers" or custom else max(batch_size, 256)
+        fh = open(path, "a", encoding="utf-8") if path is not None else None  # noqa: SIM115
+        try:
+            for i in range(0, len(todo), step):
+                chunk = todo[i : i + step]
+                responses = generator([build_prompt(task.format_query(e)) for e in chunk])
+                if len(responses) != len(chunk):
+                    raise InvalidInputError(f"generator returned {len(responses)} responses for {len(chunk)} prompts")
+                for e, resp in zip(chunk, responses):
+                    rec = _record(e, resp, task)
+                    done[e.id] = rec
+                    if fh is not None:
+                        fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                if fh is not None:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                if verbose:
+                    print(f"[eval] {task.name} {lang}: {len(exs) - len(todo) + i + len(chunk)}/{len(exs)}",
+                          file=sys.stderr)
+        finally:
+            if fh is not None:
+                fh.close()
+        ordered = [done[e.id] for e in exs]
+        if path is not None:
+            extra = [r for k, r in done.items() if k not in {e.id for e in exs}]
+            _rewrite(path, ordered + extra)  # dataset order; records beyond --limit are kept
+        correct[lang] = {r["id"]: bool(r["correct"]) for r in ordered}
+
+    return _finish(correct, task, name, reference, out, verbose)
+
+
+def _finish(correct: dict[str, dict[str, bool]], task: Task, name: str, reference: str,
+            out: Path | None, verbose: bool) -> dict[str, Any]:
+    table = score_table(correct, reference=reference)
+    table["task"] = task.name
+    table["model"] = name
+    title = f"{task.name}"
+    md = write_results(out, table, title=title) if out is not None else format_table(table, title=title)
+    table["markdown"] = md
+    if verbose:
+        print(md)
+        if reference not in correct:
+            print(f"(no PCR: {reference!r} was not evaluated)")
+        if out is not None:
+            print(f"wrote generations and results to {out}")
+    return table
+
+
+def rescore(
+    out_dir: str | os.PathLike[str],
+    task: str | Task | None = None,
+    langs: Sequence[str] | None = None,
+    limit: int | None = None,
+    *,
+    reference: str = "en",
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Re-extract answers from saved generations and re-score them (no model needed).
+
+    ``task`` and ``langs`` default to those in ``out_dir/run.json``; ``limit``
+    keeps the first ``limit`` records of each language. Updates the
+    ``prediction``/``correct`` fields in the JSONL files and the results files.
+
+    Example:
+        >>> table = rescore("results/")  # doctest: +SKIP
+    """
+    out = Path(out_dir)
+    run_path = out / "run.json"
+    run = json.loads(run_path.read_text(encoding="utf-8")) if run_path.exists() else {}
+    if task is None and "task" not in run:
+        raise InvalidInputError(f"{out} has no run.json naming the task; pass task= / --task")
+    task = get_task(task or run["task"])
+    if langs is None:
+        langs = run.get("langs") or sorted(
+            p.stem[len(task.name) + 1 :] for p in out.glob(f"{task.name}_*.jsonl")
+        )
+    if not langs:
+        raise InvalidInputError(f"{out} holds no {task.name}_{{lang}}.jsonl generations to rescore")
+    correct: dict[str, dict[str, bool]] = {}
+    for lang in langs:
+        path = records_path(out, task, lang)
+        records = read_records(path)
+        if not records:
+            raise InvalidInputError(f"no generations for {lang!r} in {path}; run evaluate first")
+        for rec in records:
+            rec["prediction"] = task.extract(rec.get("response", ""))
+            rec["correct"] = task.is_correct(rec["prediction"], rec["gold"])
+        _rewrite(path, records)
+        used = records[:limit] if limit is not None else records
+        correct[lang] = {str(r["id"]): bool(r["correct"]) for r in used}
+    return _finish(correct, task, run.get("model", str(out)), reference, out, verbose)
