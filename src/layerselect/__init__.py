@@ -31,7 +31,30 @@ from .errors import (
     LayerSelectError,
     UnsupportedArchitectureError,
 )
+from .eval import evaluate
+from .selective_ffn import (
+    SelectiveFFNConfig,
+    SelectiveFFNModel,
+    get_slam_model,
+    load_deltas,
+    merge_checkpoint,
+)
 from .stats import ActivationStats, Overlap
+
+# Training pulls in transformers' Trainer (slow to import): load it on first use.
+_LAZY = {
+    "train_slam": "layerselect.train",
+    "TranslationExample": "layerselect.data",
+    "load_translation_data": "layerselect.data",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'layerselect' has no attribute {name!r}")
 
 __all__ = [
     "__version__",
@@ -45,6 +68,15 @@ __all__ = [
     "get_criterion",
     "list_criteria",
     "layer_scores",
+    "SelectiveFFNConfig",
+    "SelectiveFFNModel",
+    "get_slam_model",
+    "load_deltas",
+    "merge_checkpoint",
+    "train_slam",
+    "TranslationExample",
+    "load_translation_data",
+    "evaluate",
     "LayerSelectError",
     "UnsupportedArchitectureError",
     "InvalidInputError",

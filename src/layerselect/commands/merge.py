@@ -1,0 +1,35 @@
+"""``layerselect merge``: write a normal checkpoint with an adapter merged in, streaming."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "merge",
+        help="merge a selective-FFN adapter into a safetensors checkpoint",
+        description=(
+            "Apply an adapter's deltas to a (sharded) safetensors checkpoint tensor by tensor and write "
+            "a checkpoint that AutoModelForCausalLM.from_pretrained loads. Memory stays near the largest "
+            "targeted tensor, not the model."
+        ),
+    )
+    p.add_argument("--base", required=True, help="base checkpoint directory (model.safetensors[.index.json])")
+    p.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--out", required=True, help="output directory for the merged checkpoint")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply the deltas (default 1.0)")
+    p.add_argument("--dtype", default=None, help="cast floating weights first (e.g. the training dtype)")
+    p.add_argument("--no-strict", dest="strict", action="store_false",
+                   help="apply even if the base's fingerprint differs (shapes are still checked)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..selective_ffn import merge_checkpoint
+
+    t0 = time.perf_counter()
+    out = merge_checkpoint(args.base, args.adapter, args.out, scale=args.scale, strict=args.strict, dtype=args.dtype)
+    print(f"merged {args.adapter} into {args.base} -> {out} ({time.perf_counter() - t0:.1f}s)")
+    return 0

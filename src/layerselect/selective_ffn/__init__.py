@@ -1,0 +1,29 @@
+"""Selective FFN fine-tuning (SLAM): train only the FFN matrices of chosen layers, ship deltas.
+
+Example:
+    >>> from layerselect.selective_ffn import SelectiveFFNConfig, SelectiveFFNModel, get_slam_model
+    >>> model = get_slam_model(base, SelectiveFFNConfig(layers=[0, 1, 2, 3, 4, 5]))  # doctest: +SKIP
+    >>> model.print_trainable_parameters()                                           # doctest: +SKIP
+    >>> model.save_pretrained("adapter/")                                            # doctest: +SKIP
+    >>> model = SelectiveFFNModel.from_pretrained(base, "adapter/")                  # doctest: +SKIP
+
+See ``docs/adapters.md`` for the file format and distributed-training settings.
+"""
+
+from __future__ import annotations
+
+from .config import DELTA_DTYPES, SelectiveFFNConfig
+from .io import FORMAT_VERSION, load_deltas, read_adapter
+from .merge import merge_checkpoint
+from .model import SelectiveFFNModel, get_slam_model
+
+__all__ = [
+    "SelectiveFFNConfig",
+    "SelectiveFFNModel",
+    "get_slam_model",
+    "load_deltas",
+    "merge_checkpoint",
+    "read_adapter",
+    "DELTA_DTYPES",
+    "FORMAT_VERSION",
+]

@@ -1,0 +1,203 @@
+"""`SelectiveFFNConfig`: which layers' FFN matrices train, and how deltas are stored.
+
+Example:
+    >>> from layerselect.selective_ffn import SelectiveFFNConfig
+    >>> cfg = SelectiveFFNConfig(layers=[0, 1, 2, 3, 4, 5])
+    >>> cfg.target_modules
+    ['up', 'down']
+    >>> SelectiveFFNConfig.from_dict(cfg.to_dict()) == cfg
+    True
+    >>> SelectiveFFNConfig(layers=[1, 1])
+    Traceback (most recent call last):
+    ...
+    layerselect.errors.InvalidInputError: duplicate layer indices [1] in SelectiveFFNConfig.layers; list each layer once
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..arch import ROLES
+from ..errors import FormatError, InvalidInputError
+
+__all__ = ["SelectiveFFNConfig", "DELTA_DTYPES", "normalize_target_modules"]
+
+#: Allowed values of ``SelectiveFFNConfig.delta_dtype``. ``"auto"`` (default) stores
+#: float32 deltas for float32/bfloat16/float16 weights and float64 deltas for float64
+#: weights: both reproduce the trained weights bit for bit on the same base in the
+#: same dtype. ``"bfloat16"``/``"float16"`` are lossy (half the size of float32);
+#: their reconstruction error is recorded in ``adapter_config.json``.
+DELTA_DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
+
+# Names users may give for the FFN matrices -> canonical roles (arch.ROLES).
+_ALIASES: dict[str, tuple[str, ...]] = {
+    "gate": ("gate",),
+    "gate_proj": ("gate",),
+    "w1": ("gate",),
+    "up": ("up",),
+    "up_proj": ("up",),
+    "w3": ("up",),
+    "down": ("down",),
+    "down_proj": ("down",),
+    "w2": ("down",),
+    "gate_up": ("gate", "up"),
+    "gate_up_proj": ("gate", "up"),
+    "all": ROLES,
+    "ffn": ROLES,
+    "mlp": ROLES,
+}
+
+# Attributes of a Selection-like object kept as provenance (whatever exists of them).
+_PROVENANCE_ATTRS = ("criterion", "name", "threshold", "scores", "why", "reason", "explanation", "meta")
+
+
+def normalize_target_modules(targets: str | Iterable[str]) -> list[str]:
+    """Map user names (``"up_proj"``, ``"gate_up_proj"``, ``"all"``, ...) to canonical roles, in ROLES order."""
+    if isinstance(targets, str):
+        targets = [targets]
+    roles: set[str] = set()
+    for t in targets:
+        if not isinstance(t, str) or t.lower() not in _ALIASES:
+            raise InvalidInputError(
+                f"unknown FFN target {t!r} in SelectiveFFNConfig.target_modules; "
+                f"use some of {sorted(_ALIASES)}"
+            )
+        roles.update(_ALIASES[t.lower()])
+    if not roles:
+        raise InvalidInputError("SelectiveFFNConfig.target_modules is empty; the default is ['up', 'down']")
+    return [r for r in ROLES if r in roles]
+
+
+def _jsonable(value: Any) -> Any:
+    """Best-effort conversion of provenance values (tensors, arrays, numpy scalars) to JSON."""
+    if hasattr(value, "tolist") and callable(value.tolist):
+        value = value.tolist()
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def _selection_provenance(selection: Any) -> dict[str, Any]:
+    to_dict = getattr(selection, "to_dict", None)
+    if callable(to_dict):
+        try:
+            out = dict(to_dict())
+            out.setdefault("type", type(selection).__name__)
+            return _jsonable(out)
+        except Exception:  # fall back to attributes
+            pass
+    out: dict[str, Any] = {"type": type(selection).__name__}
+    for attr in _PROVENANCE_ATTRS:
+        if hasattr(selection, attr):
+            value = getattr(selection, attr)
+            if not callable(value):
+                out[attr] = _jsonable(value)
+    return out
+
+
+@dataclass
+class SelectiveFFNConfig:
+    """Which decoder layers' FFN matrices to fine-tune (PEFT-style config).
+
+    Args:
+        layers: decoder-layer indices, or any object with a ``.layers`` attribute
+            (e.g. a :class:`layerselect.criteria.Selection`); in the latter case its
+            criterion, scores and explanation are kept in ``selection`` as provenance.
+        target_modules: FFN matrices to train, as roles (``"gate"``, ``"up"``,
+            ``"down"``), family names (``"up_proj"``, ``"gate_up_proj"``) or ``"all"``.
+            Default ``["up", "down"]``, what the paper's released code trains.
+            On fused gate/up families (Phi-3) the fused matrix is trained, with the
+            gradient of untargeted rows masked.
+        base_model_name_or_path: recorded in the adapter; filled from the model's
+            ``config.name_or_path`` by :func:`get_slam_model` when left empty.
+        delta_dtype: one of :data:`DELTA_DTYPES` (default ``"auto"``: lossless).
+        selection: provenance of the layer choice (free-form JSON).
+    """
+
+    layers: Any
+    target_modules: Any = field(default_factory=lambda: ["up", "down"])
+    base_model_name_or_path: str | None = None
+    delta_dtype: str = "auto"
+    selection: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        layers = self.layers
+        if not isinstance(layers, (list, tuple, range)) and hasattr(layers, "layers"):
+            if self.selection is None:
+                self.selection = _selection_provenance(layers)
+            layers = layers.layers
+        if hasattr(layers, "tolist"):
+            layers = layers.tolist()
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+            raise InvalidInputError(
+                f"SelectiveFFNConfig.layers must be a list of layer indices or a Selection, got {layers!r}"
+            )
+        layers = list(layers)
+        for x in layers:
+            if isinstance(x, bool) or not isinstance(x, int):
+                raise InvalidInputError(f"layer index {x!r} in SelectiveFFNConfig.layers is not an integer")
+            if x < 0:
+                raise InvalidInputError(f"layer index {x} in SelectiveFFNConfig.layers is negative")
+        if not layers:
+            raise InvalidInputError(
+                "SelectiveFFNConfig.layers is empty: select at least one layer to train"
+            )
+        if len(set(layers)) != len(layers):
+            dup = sorted({x for x in layers if layers.count(x) > 1})
+            raise InvalidInputError(
+                f"duplicate layer indices {dup} in SelectiveFFNConfig.layers; list each layer once"
+            )
+        self.layers = sorted(int(x) for x in layers)
+        self.target_modules = normalize_target_modules(self.target_modules)
+        if self.delta_dtype not in DELTA_DTYPES:
+            raise InvalidInputError(
+                f"SelectiveFFNConfig.delta_dtype={self.delta_dtype!r}; use one of {list(DELTA_DTYPES)}"
+            )
+        if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
+            self.base_model_name_or_path = str(self.base_model_name_or_path)
+        if self.selection is not None:
+            self.selection = _jsonable(self.selection)
+
+    # -- JSON round trip ----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of the fields."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SelectiveFFNConfig:
+        """Build from :meth:`to_dict` output (extra keys, e.g. adapter metadata, are ignored)."""
+        if not isinstance(data, Mapping):
+            raise FormatError(f"a SelectiveFFNConfig must be a JSON object, got {type(data).__name__}")
+        names = {f.name for f in fields(cls)}
+        if "layers" not in data:
+            raise FormatError("SelectiveFFNConfig JSON has no 'layers' entry")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike[str]) -> SelectiveFFNConfig:
+        """Read a config (or a whole ``adapter_config.json``)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "adapter_config.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FormatError(f"no adapter config at {path}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise FormatError(f"{path} is not valid JSON ({exc})") from None
+        return cls.from_dict(data)
