@@ -42,9 +42,9 @@ def _say(step: int, total: int, msg: str) -> None:
 def run_demo(
     model: str = DEFAULT_MODEL,
     out: str | Path = "layerselect-demo",
-    steps: int = 30,
+    steps: int = 12,
     learning_rate: float = 1e-4,
-    batch_size: int = 8,
+    batch_size: int = 4,
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -115,7 +115,7 @@ def run_demo(
     ]
     if mismatched:
         raise RuntimeError(f"reloaded weights differ from the trained ones in {mismatched[:3]}")
-    n_changed = len(reloaded.target_names())
+    n_changed = len(reloaded.target_names)
     print(f"all {len(trained_state)} parameter tensors match bit for bit ({n_changed} carry trained deltas)")
 
     _say(6, total, "Overlap with English, before vs after training (selected layers and the ones above)")

@@ -112,6 +112,8 @@ def default_training_args(output_dir: str | os.PathLike[str], **overrides: Any):
     if "gradient_accumulation_steps" not in overrides:
         per_step = kwargs["per_device_train_batch_size"] * _world_size()
         kwargs["gradient_accumulation_steps"] = max(1, math.ceil(EFFECTIVE_BATCH_SIZE / per_step))
+    if not torch.cuda.is_available():
+        kwargs.setdefault("dataloader_pin_memory", False)  # pinning needs an accelerator
     if "bf16" not in overrides and "fp16" not in overrides:
         kwargs["bf16"] = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     return TrainingArguments(output_dir=str(output_dir), **kwargs)
