@@ -15,7 +15,8 @@ def main(rank: int, world: int, port: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    stats = ActivationStats.collect(tiny_model("llama"), tiny_tokenizer(), tiny_texts(5), batch_size=3, progress=False)
+    stats = ActivationStats.collect(tiny_model("llama"), tiny_tokenizer(), tiny_texts(5), batch_size=3, progress=False,
+                                   per_sample_counts=True)  # int16: reduced as int32
     stats.save(os.path.join(out, f"rank{rank}"))
     dist.destroy_process_group()
 

@@ -55,6 +55,13 @@ def test_text_spec_errors(tmp_path):
     txt, _, _ = write_layouts(tmp_path, tiny_texts(2))
     with pytest.raises(InvalidInputError, match=r"\['fr'\] are not in"):
         load_texts(txt, langs=["en", "fr"])
+    # A forced kind on the wrong sort of path: a clear error, not NotADirectoryError/IsADirectoryError.
+    with pytest.raises(InvalidInputError, match="must be a folder"):
+        load_texts(f"mgsm:{bad}")
+    with pytest.raises(InvalidInputError, match="must be a folder"):
+        load_texts(f"txt:{bad}")
+    with pytest.raises(InvalidInputError, match="must be a JSONL file"):
+        load_texts(f"jsonl:{txt}")
 
 
 def test_analyze_command_writes_the_same_stats_as_the_api(tmp_path, saved_model, capsys):

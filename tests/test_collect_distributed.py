@@ -18,7 +18,8 @@ def _free_port() -> str:
 def test_two_gloo_ranks_give_the_single_process_statistics(tmp_path):
     worker = Path(__file__).with_name("_collect_dist_worker.py")
     subprocess.run([sys.executable, str(worker), "2", _free_port(), str(tmp_path)], check=True, timeout=300)
-    single = ActivationStats.collect(tiny_model("llama"), tiny_tokenizer(), tiny_texts(5), batch_size=3, progress=False)
+    single = ActivationStats.collect(tiny_model("llama"), tiny_tokenizer(), tiny_texts(5), batch_size=3, progress=False,
+                                   per_sample_counts=True)
     for rank in (0, 1):
         got = ActivationStats.load(tmp_path / f"rank{rank}")
         assert got.meta["world_size"] == 2
@@ -27,3 +28,5 @@ def test_two_gloo_ranks_give_the_single_process_statistics(tmp_path):
         assert torch.equal(got.tokens, single.tokens)
         torch.testing.assert_close(got.sample_fraction, single.sample_fraction, rtol=0, atol=1e-12)
         assert (got.sample_fraction > 0).all()
+        assert got.sample_counts.dtype == single.sample_counts.dtype
+        assert torch.equal(got.sample_counts, single.sample_counts)

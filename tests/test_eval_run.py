@@ -334,3 +334,12 @@ def test_mismatched_questions_refused_before_generating(mgsm_dir, tmp_path):
     table = evaluate(None, None, "mgsm", langs=["de"], data=mgsm_dir, generator=lambda p: ["7"] * len(p),
                      verbose=False)
     assert table["accuracy"] == {"de": pytest.approx(2 / 3)} and table["pcr"] == {}
+
+
+def test_no_languages_is_a_clear_error(tmp_path, capsys):
+    # An empty language list (e.g. --data pointing at a folder without task files) says so.
+    with pytest.raises(InvalidInputError, match="no languages to evaluate"):
+        evaluate(None, None, "mgsm", langs=[], data=tmp_path, generator=lambda p: ["1"] * len(p), verbose=False)
+    assert main(["eval", "--model", str(tmp_path / "unused"), "--task", "mgsm", "--data", str(tmp_path / "missing"),
+                 "--out", str(tmp_path / "res")]) == 2
+    assert "no mgsm data files found" in capsys.readouterr().err

@@ -52,6 +52,9 @@ def test_select_params_and_other_criteria(stats_dir, tmp_path, capsys):
     assert main(["select", str(stats_dir), "--param", "reference=xx"]) == 2
     assert "reference language 'xx'" in capsys.readouterr().err
     assert main(["select", str(stats_dir), "--param", "novalue"]) == 2
+    capsys.readouterr()
+    assert main(["select", str(stats_dir), "--param", "criterion=all"]) == 2  # not a TypeError traceback
+    assert "not a criterion parameter" in capsys.readouterr().err
 
 
 def test_user_criterion_from_imported_module(stats_dir, tmp_path, monkeypatch, capsys):

@@ -176,3 +176,17 @@ def test_cli_train_bad_data_path(tiny_checkpoint, tmp_path, capsys):
     rc = main(["train", "--model", str(tiny_checkpoint / "model"), "--layers", "0",
                "--train-data", f"pairs:{tmp_path / 'missing'}", "--out", str(tmp_path / "run")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_cli_train_auto_with_a_weight_criterion_passes_the_model(tiny_checkpoint, tmp_path):
+    # --layers auto --criterion snr --analysis-data ...: snr reads the weights, so the model must reach it.
+    import argparse
+
+    from layerselect.commands.train import _resolve_layers
+    from layerselect.models import load_model
+
+    model, tokenizer = load_model(str(tiny_checkpoint / "model"))
+    args = argparse.Namespace(selection=None, layers="auto", criterion="snr", model="tiny",
+                              analysis_data=f"txt:{tiny_checkpoint / 'texts'}", analysis_limit=None)
+    layers, selection = _resolve_layers(args, model, tokenizer, tmp_path)
+    assert selection.criterion == "snr" and layers == selection.layers and layers

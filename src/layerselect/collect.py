@@ -268,7 +268,9 @@ def _all_reduce(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
         if t is None:
             out.append(None)
             continue
-        buf = t.to(device)
+        # gloo and NCCL have no int16 sum: reduce small ints (per-sample counts) as int32.
+        wide = torch.int32 if t.dtype in (torch.int8, torch.uint8, torch.int16) else t.dtype
+        buf = t.to(device, wide)
         dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-        out.append(buf.cpu())
+        out.append(buf.cpu().to(t.dtype))
     return out

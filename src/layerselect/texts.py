@@ -106,6 +106,10 @@ def load_texts(
     kind = kind or _detect(path)
     if not path.exists():
         raise InvalidInputError(f"data path {path} does not exist")
+    if kind in ("mgsm", "txt") and not path.is_dir():
+        raise InvalidInputError(f"{kind}:{path} must be a folder of {{lang}} files, but it is a file")
+    if kind == "jsonl" and not path.is_file():
+        raise InvalidInputError(f"jsonl:{path} must be a JSONL file with 'lang' and 'text' fields, but it is a folder")
     if kind == "mgsm":
         texts = _read_folder(path, _TSV, column=0)
     elif kind == "txt":

@@ -87,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         from ..eval.tasks import get_task
 
         found = get_task(args.task).available_langs(data)
+        if not found:
+            raise InvalidInputError(f"no {args.task} data files found in {data}; check --data")
         langs = [x for x in PAPER_LANGS if x in found] or found
     name = args.model + (f"+{args.adapter}" if args.adapter else "")
     common = dict(

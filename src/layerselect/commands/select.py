@@ -50,6 +50,8 @@ def parse_params(items: list[str]) -> dict[str, Any]:
         key = key.strip().replace("-", "_")
         if not sep or not key:
             raise InvalidInputError(f"bad --param {item!r}; write KEY=VALUE, e.g. --param k=6")
+        if key in ("stats", "model", "criterion"):
+            raise InvalidInputError(f"--param {key}=... is not a criterion parameter; use STATS_DIR / --model / --criterion")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:

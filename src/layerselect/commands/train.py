@@ -90,7 +90,7 @@ def _resolve_layers(args: argparse.Namespace, model: Any, tokenizer: Any, out: P
     print(f"[1/3] analyzing {sum(map(len, texts.values()))} texts in {len(texts)} languages ...", flush=True)
     stats = ActivationStats.collect(model, tokenizer, texts, model_name=args.model)
     stats.save(out / "stats")
-    selection = select(stats, criterion=args.criterion)
+    selection = select(stats, criterion=args.criterion, model=model)  # weight criteria (snr) read the model
     selection.save(out / "selection.json")
     print(f"      selected layers {list(selection.layers)} ({args.criterion}): {selection.reason}", flush=True)
     return adapter.check_layers([int(x) for x in selection.layers]), selection

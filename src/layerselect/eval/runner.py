@@ -209,6 +209,8 @@ def evaluate(
         if not langs:
             raise InvalidInputError(f"no {task.name} data files found in {data}")
     langs = list(dict.fromkeys(langs))
+    if not langs:
+        raise InvalidInputError(f"no languages to evaluate: pass langs=[...] (e.g. ['en', 'de']) for {data}")
     examples = _load_examples(task, data, langs, limit)
     if reference in examples:
         ref_ids = [e.id for e in examples[reference]]
