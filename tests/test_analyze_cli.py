@@ -52,6 +52,11 @@ def test_text_spec_errors(tmp_path):
     bad.write_text('{"lang": "en", "text": "ok"}\n{"language": "de"}\n')
     with pytest.raises(InvalidInputError, match=r"bad.jsonl:2"):
         load_texts(bad)
+    gap = tmp_path / "gap"
+    gap.mkdir()
+    (gap / "en.txt").write_text("one\n\nthree\n")
+    with pytest.raises(InvalidInputError, match=r"blank lines at \[2\]"):
+        load_texts(f"txt:{gap}")
     txt, _, _ = write_layouts(tmp_path, tiny_texts(2))
     with pytest.raises(InvalidInputError, match=r"\['fr'\] are not in"):
         load_texts(txt, langs=["en", "fr"])

@@ -156,6 +156,9 @@ def test_merge_of_two_runs_equals_one_run():
     assert torch.equal(both.counts, direct.counts)
     assert torch.equal(both.tokens, direct.tokens)
     assert both.num_samples == direct.num_samples
+    # Question indices stay distinct within a group (texts 3.. of "en" follow 0..2).
+    en = both.sample_index[both.sample_group == 0].tolist()
+    assert en == [0, 1, 2, 3, 4, 5]
 
 
 def test_sample_weights_reproduce_count_based_ratio():

@@ -321,6 +321,14 @@ class ActivationStats:
         tokens[: len(self.groups)] += self.tokens
         tokens[g_other] += other.tokens
         both = self.sample_counts is not None and other.sample_counts is not None
+        # A group seen in both runs holds different texts: shift the second run's
+        # question indices past the first's so bootstrap never pairs them.
+        other_index = other.sample_index.clone()
+        for j, g in enumerate(other.groups):
+            if g in self.groups:
+                mine = self.sample_index[self.sample_group == self.groups.index(g)]
+                if len(mine):
+                    other_index[other.sample_group == j] += int(mine.max()) + 1
         meta = dict(self.meta)
         meta["merged_from"] = [self.meta.get("run_id"), other.meta.get("run_id")]
         return ActivationStats(
@@ -331,7 +339,7 @@ class ActivationStats:
             sample_fraction=torch.cat([self.sample_fraction, other.sample_fraction]),
             sample_tokens=torch.cat([self.sample_tokens, other.sample_tokens]),
             sample_group=torch.cat([self.sample_group.long(), g_other[other.sample_group.long()]]),
-            sample_index=torch.cat([self.sample_index, other.sample_index]),
+            sample_index=torch.cat([self.sample_index, other_index]),
             sample_counts=torch.cat([self.sample_counts, other.sample_counts]) if both else None,
             meta=meta,
         )

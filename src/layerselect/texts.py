@@ -63,10 +63,16 @@ def _read_folder(path: Path, pattern: re.Pattern[str], column: int | None) -> di
         m = pattern.match(f.name)
         if not m:
             continue
-        lines = f.read_text(encoding="utf-8").splitlines()
+        lines = f.read_text(encoding="utf-8").rstrip("\n").splitlines()
+        # Line i is the same text in every language: a blank line would shift the rest.
+        blank = [i + 1 for i, ln in enumerate(lines) if not ln.strip()]
+        if blank:
+            raise InvalidInputError(
+                f"{f} has blank lines at {blank[:5]}; line-aligned files need one text per line"
+            )
         if column is not None:
-            lines = [ln.split("\t")[column] for ln in lines if ln.strip()]
-        out[m.group(1)] = [ln.strip() for ln in lines if ln.strip()]
+            lines = [ln.split("\t")[column] for ln in lines]
+        out[m.group(1)] = [ln.strip() for ln in lines]
     return out
 
 
