@@ -89,6 +89,9 @@ def main() -> None:
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--runs", default="slam,all_ffn,lora")
+    p.add_argument("--overlap-layers", default=None,
+                   help="layers whose overlap is measured (default: the selected ones and the 4 above; "
+                        "the lowest trained layer's own firing cannot change with up/down targets)")
     p.add_argument("--out", default="runs/real_model_check.json")
     args = p.parse_args()
     data = args.data or f"pairs:{(default_data_dir() or Path('../shared/data')) / 'gsm8kinstruct_question'}"
@@ -107,10 +110,14 @@ def main() -> None:
 
     model, tok = load_model(args.model)
     n_layers = model.config.num_hidden_layers
-    results: dict = {"config": vars(args) | {"layers_selected": layers, "train_pool": len(train),
+    if args.overlap_layers:
+        overlap_layers = [int(x) for x in args.overlap_layers.split(",")]
+    else:
+        overlap_layers = list(range(min(layers), min(n_layers, max(layers) + 5)))
+    results: dict = {"config": vars(args) | {"layers_selected": layers, "overlap_layers": overlap_layers, "train_pool": len(train),
                                              "heldout_total": len(held), "heldout_evaluated": len(held_eval),
                                              "filter": report.to_dict()}}
-    results["before"] = measure(model, tok, held_eval, layers, args.max_length)
+    results["before"] = measure(model, tok, held_eval, overlap_layers, args.max_length)
     print(f"before: {results['before']}", file=sys.stderr, flush=True)
     del model
     for run in args.runs.split(","):
@@ -130,7 +137,7 @@ def main() -> None:
                            max_length=args.max_length, **kw)
                 trainable = json.loads((Path(tmp) / "train_summary.json").read_text())["trainable_parameters"]
         train_s = time.perf_counter() - t
-        res = measure(model, tok, held_eval, layers, args.max_length)
+        res = measure(model, tok, held_eval, overlap_layers, args.max_length)
         res.update(trainable_params=trainable, train_seconds=train_s, steps=args.steps)
         results[run] = res
         print(f"{run}: {res}", file=sys.stderr, flush=True)
@@ -138,7 +145,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
         del model
     b = results["before"]
-    print(f"| run | trainable params | held-out translation loss | English-only loss | AVG overlap, layers {layers} |")
+    print(f"| run | trainable params | held-out translation loss | English-only loss | AVG overlap, layers {overlap_layers} |")
     print("|---|---:|---:|---:|---:|")
     print(f"| before | - | {b['translation_loss']:.4f} | {b['english_loss']:.4f} | {b['overlap_avg_selected']:.4f} |")
     for run in args.runs.split(","):
@@ -146,6 +153,13 @@ def main() -> None:
         de = 100 * (r["english_loss"] / b["english_loss"] - 1)
         print(f"| {run} ({r['steps']} steps, {r['train_seconds']:.0f}s) | {r['trainable_params']:,} | "
               f"{r['translation_loss']:.4f} | {r['english_loss']:.4f} ({de:+.1f}%) | {r['overlap_avg_selected']:.4f} |")
+    runs = ["before", *args.runs.split(",")]
+    print(f"\n| layer | {' | '.join(runs)} |")
+    print("|---:|" + "---:|" * len(runs))
+    for layer in overlap_layers:
+        cells = " | ".join(f"{results[r]['overlap_avg_per_layer'][layer]:.4f}" for r in runs)
+        mark = " (trained)" if layer in layers else ""
+        print(f"| {layer}{mark} | {cells} |")
 
 
 if __name__ == "__main__":
