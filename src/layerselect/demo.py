@@ -42,7 +42,7 @@ def _say(step: int, total: int, msg: str) -> None:
 def run_demo(
     model: str = DEFAULT_MODEL,
     out: str | Path = "layerselect-demo",
-    steps: int = 12,
+    steps: int = 30,
     learning_rate: float = 1e-4,
     batch_size: int = 4,
     seed: int = 0,
@@ -57,7 +57,7 @@ def run_demo(
     from .data import TranslationExample
     from .selective_ffn import SelectiveFFNConfig, SelectiveFFNModel
     from .stats import ActivationStats
-    from .train import train_slam
+    from .train import train_slam, translation_loss
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -82,6 +82,7 @@ def run_demo(
     _say(4, total, f"Training only the FFN (up_proj, down_proj) of layers {selection.layers} for {steps} steps")
     pairs = [TranslationExample(lang, p[lang], p["en"]) for p in prompts for lang in DEMO_LANGS if lang != "en"]
     config = SelectiveFFNConfig(layers=selection, base_model_name_or_path=model)
+    loss_before = translation_loss(base, tokenizer, pairs, batch_size=4)
     adapter_dir = train_slam(
         base,
         tokenizer,
@@ -98,10 +99,9 @@ def run_demo(
         disable_tqdm=not progress,
     )
     trained = base  # train_slam trains the base model's own tensors in place
-    loss_log = json.loads((Path(adapter_dir).parent / "loss.json").read_text())["train"]
-    losses = [loss_log[0]["loss"], loss_log[-1]["loss"]] if loss_log else []
-    if losses:
-        print(f"training loss (target tokens) {losses[0]:.4f} -> {losses[1]:.4f}")
+    losses = [loss_before, translation_loss(trained, tokenizer, pairs, batch_size=4)]
+    print(f"translation loss on the {len(pairs)} pairs (English target tokens): "
+          f"{losses[0]:.4f} -> {losses[1]:.4f}")
     print(f"adapter written to {adapter_dir}")
 
     _say(5, total, "Reloading the adapter onto a fresh base model and verifying the weights")
@@ -143,7 +143,7 @@ def run_demo(
         "model": model,
         "selected_layers": selection.layers,
         "train_steps": steps,
-        "loss_first_last": losses,
+        "translation_loss_before_after": losses,
         "adapter": str(adapter_dir),
         "adapter_bytes": sum(f.stat().st_size for f in Path(adapter_dir).iterdir()),
         "reload_bitwise_equal": not mismatched,

@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"one of {', '.join(KNOWN_MODELS)} or a checkpoint dir")
     p.add_argument("--out", default="layerselect-demo", help="output directory (default: ./layerselect-demo)")
-    p.add_argument("--steps", type=int, default=12, help="training steps (default: 12)")
+    p.add_argument("--steps", type=int, default=30, help="training steps (default: 30)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
