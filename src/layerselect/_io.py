@@ -27,8 +27,12 @@ def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield scratch
+        umask = os.umask(0)
+        os.umask(umask)
         for f in scratch.iterdir():
             _fsync(f)
+            # Temp-file helpers create 0600 files; saved artefacts get normal permissions.
+            os.chmod(f, 0o666 & ~umask)
         target.mkdir(parents=True, exist_ok=True)
         # Each os.replace is atomic; readers see either the old or the new file.
         for f in scratch.iterdir():
