@@ -198,3 +198,19 @@ def test_clear_errors():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=400))
     with pytest.raises(UnsupportedArchitectureError):
         ActivationStats.collect(gpt2, tok, {"en": ["a"]}, progress=False)
+
+
+def test_models_dispatched_with_accelerate_offload_give_the_same_counts(tmp_path):
+    from accelerate import dispatch_model
+
+    tok, texts = tiny_tokenizer(), tiny_texts(3)
+    ref = ActivationStats.collect(tiny_model("llama"), tok, texts, progress=False)
+    device_map = {
+        "model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
+        "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "disk", "model.layers.3": "cpu",
+    }
+    dispatched = dispatch_model(tiny_model("llama"), device_map=device_map, offload_dir=str(tmp_path))
+    assert hasattr(dispatched.model.layers[1], "_hf_hook")  # weights stream in from disk per forward
+    got = ActivationStats.collect(dispatched, tok, texts, progress=False)
+    assert torch.equal(got.counts, ref.counts)
+    torch.testing.assert_close(got.sample_fraction, ref.sample_fraction, rtol=0, atol=1e-12)
