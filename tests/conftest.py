@@ -15,3 +15,14 @@ def data_dir() -> Path:
     if not DATA_DIR.is_dir():
         pytest.skip(f"shared data not found at {DATA_DIR}; set LAYERSELECT_DATA_DIR")
     return DATA_DIR
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run a module's tests on one torch thread (tiny models are faster that way)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -17,17 +17,10 @@ from layerselect.selective_ffn import (
     get_slam_model,
     merge_checkpoint,
 )
-from tiny import tiny_model
+from tiny import IDS, tiny_model
 
-IDS = torch.tensor([[1, 17, 42, 99, 5, 250, 7, 33, 61, 12], [1, 8, 300, 2, 44, 19, 101, 77, 3, 9]])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny models run faster single-threaded, especially on a busy machine.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,18 +12,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from layerselect.errors import InvalidInputError
 from layerselect.selective_ffn import SelectiveFFNConfig, SelectiveFFNModel, get_slam_model
-from tiny import tiny_model
+from tiny import IDS, tiny_model
 
-IDS = torch.tensor([[1, 17, 42, 99, 5, 250, 7, 33, 61, 12], [1, 8, 300, 2, 44, 19, 101, 77, 3, 9]])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models run faster single-threaded, especially on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny models run faster single-threaded, especially on a busy machine.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _train(model, steps=3, lr=0.05, opt_cls=torch.optim.SGD, **opt_kw):

@@ -16,6 +16,9 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_tex
 
 VOCAB = 320
 
+#: Two fixed token sequences for forward/backward checks on tiny models.
+IDS = torch.tensor([[1, 17, 42, 99, 5, 250, 7, 33, 61, 12], [1, 8, 300, 2, 44, 19, 101, 77, 3, 9]])
+
 
 def tiny_config(family: str, **overrides):
     from transformers import AutoConfig
