@@ -1,7 +1,7 @@
 """Train SLAM from Python: select layers from activation statistics, fine-tune their FFN, reload the adapter.
 
 Single process (CPU or one GPU), a small run:
-    python examples/train_slam.py --model gemma-3-270m --max-pairs 200 --max-steps 20 --batch-size 8
+    python examples/train_slam.py --model gemma-3-270m --max-pairs 200 --max-steps 20 --batch-size 8 --grad-accum 1
 
 Many GPUs, the paper's setup (DeepSpeed ZeRO-2, effective batch 128 = 8 GPUs x 4 x 4 accumulation):
     torchrun --nproc_per_node 8 examples/train_slam.py --model PATH --deepspeed examples/deepspeed_zero2.json
@@ -29,6 +29,7 @@ def main() -> None:
     p.add_argument("--max-pairs", type=int, default=None, help="pairs per language (default: all)")
     p.add_argument("--max-steps", type=int, default=-1)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=None, help="default: reach the paper's batch of 128")
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--deepspeed", default=None, help="DeepSpeed config, e.g. examples/deepspeed_zero2.json")
     p.add_argument("--out", default="runs/slam-example")
@@ -53,6 +54,8 @@ def main() -> None:
 
     # Paper defaults (lr 2e-5, cosine, 3 epochs, effective batch 128 via accumulation); override any.
     overrides = dict(per_device_train_batch_size=args.batch_size, max_steps=args.max_steps)
+    if args.grad_accum:
+        overrides["gradient_accumulation_steps"] = args.grad_accum
     if args.deepspeed:
         overrides["deepspeed"] = args.deepspeed
     adapter_dir = train_slam(model, tokenizer, pairs, SelectiveFFNConfig(layers=layers),
