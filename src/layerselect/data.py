@@ -33,7 +33,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -47,6 +46,7 @@ from typing import Any
 
 import torch
 
+from ._io import iter_jsonl
 from .errors import InvalidInputError
 
 __all__ = [
@@ -218,17 +218,7 @@ def load_jsonl_pairs(path: str | os.PathLike[str]) -> list[TranslationExample]:
     path = Path(path)
     if not path.is_file():
         raise InvalidInputError(f"translation data file {path} does not exist")
-    out = []
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InvalidInputError(f"{path}:{i}: not JSON ({exc})") from None
-            out.append(_row_to_example(row, f"{path}:{i}"))
-    return out
+    return [_row_to_example(row, f"{path}:{i}") for i, row in iter_jsonl(path)]
 
 
 def examples_from_hf(dataset: Any) -> list[TranslationExample]:

@@ -16,12 +16,12 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from ._io import iter_jsonl
 from .errors import InvalidInputError
 
 __all__ = ["load_texts", "default_data_dir", "PAPER_LANGS"]
@@ -78,18 +78,12 @@ def _read_folder(path: Path, pattern: re.Pattern[str], column: int | None) -> di
 
 def _read_jsonl(path: Path) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                lang, text = row["lang"], row["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise InvalidInputError(
-                    f"{path}:{i}: expected a JSON object with 'lang' and 'text' ({exc})"
-                ) from None
-            out.setdefault(str(lang), []).append(str(text))
+    for i, row in iter_jsonl(path):
+        try:
+            lang, text = row["lang"], row["text"]
+        except (KeyError, TypeError) as exc:
+            raise InvalidInputError(f"{path}:{i}: expected a JSON object with 'lang' and 'text' ({exc})") from None
+        out.setdefault(str(lang), []).append(str(text))
     return out
 
 
