@@ -88,3 +88,17 @@ def test_plot_command(stats_dir, tmp_path, capsys):
     assert main(["select", str(stats_dir), "--criterion", "first_n", "--param", "n=2", "--out", str(sel_path)]) == 0
     assert main(["plot", str(stats_dir), "--out", str(out), "--selection", str(sel_path)]) == 0
     assert (out / "selection_first_n.png").is_file() and (out / "selection_first_n.svg").is_file()
+
+
+def test_select_reference_flag_reaches_the_msd_rule(tmp_path, capsys):
+    import json
+
+    from layerselect import ActivationStats
+    from layerselect.cli import main
+    from tiny import tiny_model, tiny_texts, tiny_tokenizer
+
+    stats = ActivationStats.collect(tiny_model("llama"), tiny_tokenizer(), tiny_texts(3), progress=False)
+    stats.save(tmp_path / "s")
+    assert main(["select", str(tmp_path / "s"), "--reference", "de", "--out", str(tmp_path / "sel.json")]) == 0
+    assert json.loads((tmp_path / "sel.json").read_text())["params"]["reference"] == "de"
+    assert "with 'de'" in capsys.readouterr().out

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .errors import LayerSelectError
 from .models import DEFAULT_MODEL, load_model
 
 __all__ = ["load_demo_prompts", "run_demo"]
@@ -114,7 +115,7 @@ def run_demo(
         if not torch.equal(param, trained_state[name])
     ]
     if mismatched:
-        raise RuntimeError(f"reloaded weights differ from the trained ones in {mismatched[:3]}")
+        raise LayerSelectError(f"reloaded weights differ from the trained ones in {mismatched[:3]}")
     n_changed = len(reloaded.target_names)
     print(f"all {len(trained_state)} parameter tensors match bit for bit ({n_changed} carry trained deltas)")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--import", dest="imports", action="append", default=[], metavar="MODULE",
         help="import MODULE first (it may register criteria), repeatable",
     )
-    p.add_argument("--reference", default="en", help="reference language for the overlap column (default en)")
+    p.add_argument("--reference", default="en", help="reference language for the rule (criteria that take one, e.g. msd) and the overlap column (default en)")
     p.add_argument("--model", default=None, help="model for weight criteria such as snr (default: the stats' model)")
     p.add_argument("--gguf-file", default=None, help="GGUF file name inside --model (a directory)")
     p.add_argument("--dtype", default="float32")
@@ -92,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidInputError(f"cannot import --import {module!r}: {exc}") from None
     spec = get_criterion(args.criterion)
     params = parse_params(args.param)
+    if "reference" not in params and "reference" in inspect.signature(spec.func).parameters:
+        params["reference"] = args.reference  # one reference language for the rule and the table
     stats = ActivationStats.load(args.stats_dir) if args.stats_dir else None
     if stats is None and "stats" in spec.required:
         raise InvalidInputError(f"criterion {spec.name!r} needs STATS_DIR (from `layerselect analyze`)")
