@@ -48,6 +48,7 @@ import torch
 
 from ._io import iter_jsonl
 from .errors import InvalidInputError
+from .texts import split_spec
 
 __all__ = [
     "LANGUAGE_NAMES",
@@ -246,12 +247,8 @@ def load_translation_data(
     if not isinstance(spec, (str, os.PathLike)):
         examples = examples_from_hf(spec)
     else:
-        text = str(spec)
-        kind, _, rest = text.partition(":")
-        if kind in ("pairs", "jsonl", "hf") and rest:
-            path = Path(rest)
-        else:
-            kind, path = "", Path(text)
+        kind, path = split_spec(spec, ("pairs", "jsonl", "hf"))
+        if not kind:
             if path.is_file():
                 kind = "jsonl"
             elif (path / "dataset_info.json").is_file() or (path / "state.json").is_file():

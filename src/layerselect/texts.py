@@ -24,7 +24,7 @@ from pathlib import Path
 from ._io import iter_jsonl
 from .errors import InvalidInputError
 
-__all__ = ["load_texts", "default_data_dir", "PAPER_LANGS"]
+__all__ = ["load_texts", "split_spec", "default_data_dir", "PAPER_LANGS"]
 
 #: The paper's ten MGSM languages, low-resource first as in its tables.
 PAPER_LANGS = ("bn", "th", "sw", "ja", "zh", "de", "fr", "ru", "es", "en")
@@ -87,6 +87,15 @@ def _read_jsonl(path: Path) -> dict[str, list[str]]:
     return out
 
 
+def split_spec(spec: str | os.PathLike[str], kinds: Sequence[str]) -> tuple[str, Path]:
+    """``"kind:PATH"`` -> ``(kind, Path)`` for a known kind, else ``("", Path(spec))`` (kind to detect)."""
+    text = str(spec)
+    kind, _, rest = text.partition(":")
+    if kind in kinds and rest:
+        return kind, Path(rest)
+    return "", Path(text)
+
+
 def load_texts(
     spec: str | os.PathLike[str],
     langs: Sequence[str] | None = None,
@@ -97,12 +106,7 @@ def load_texts(
     ``langs`` keeps (and orders) those languages and fails on a missing one;
     ``limit`` keeps the first N texts of each language (parallel data stays parallel).
     """
-    spec = str(spec)
-    kind, _, rest = spec.partition(":")
-    if kind in ("mgsm", "txt", "jsonl") and rest:
-        path = Path(rest)
-    else:
-        kind, path = "", Path(spec)
+    kind, path = split_spec(spec, ("mgsm", "txt", "jsonl"))
     kind = kind or _detect(path)
     if not path.exists():
         raise InvalidInputError(f"data path {path} does not exist")

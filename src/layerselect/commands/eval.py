@@ -62,6 +62,14 @@ def _default_data(task: str) -> str:
     return str(base / task)
 
 
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The model (with ``--adapter`` merged in, if given) and its tokenizer."""
+    model, tokenizer = load_model_from_args(args)
+    if args.adapter:
+        model = _apply_adapter(model, args.adapter)
+    return model, tokenizer
+
+
 def _apply_adapter(model: Any, adapter: str) -> Any:
     try:
         from ..selective_ffn import SelectiveFFNModel
@@ -110,9 +118,7 @@ def run(args: argparse.Namespace) -> int:
             _print_quiet(args, table)
             return 0
         # Merge on the CPU and serve the merged checkpoint.
-        model, tokenizer = load_model_from_args(args)
-        if args.adapter:
-            model = _apply_adapter(model, args.adapter)
+        model, tokenizer = _load(args)
         with tempfile.TemporaryDirectory(prefix="layerselect-merged-") as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
@@ -120,9 +126,7 @@ def run(args: argparse.Namespace) -> int:
             table = evaluate(tmp, None, args.task, backend="vllm", vllm_kwargs=vllm_kwargs, **common)
         _print_quiet(args, table)
         return 0
-    model, tokenizer = load_model_from_args(args)
-    if args.adapter:
-        model = _apply_adapter(model, args.adapter)
+    model, tokenizer = _load(args)
     print(f"evaluating {name} on {args.task} in {', '.join(langs)}", file=sys.stderr)
     table = evaluate(model, tokenizer, args.task, **common)
     _print_quiet(args, table)
