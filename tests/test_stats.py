@@ -136,7 +136,7 @@ def test_save_load_round_trip(tmp_path, hand):
     assert back == hand
     assert back.meta["model_name"] == "tiny"
     meta = json.loads((tmp_path / "s" / "stats.json").read_text())
-    assert meta["format_version"] == 1 and meta["library_version"]
+    assert meta["format_version"] == 2 and meta["library_version"] and meta["checksum"]
     assert meta["groups"] == ["en", "de"]
 
 

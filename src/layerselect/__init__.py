@@ -29,6 +29,7 @@ from .errors import (
     IncompatibleStatsError,
     InvalidInputError,
     LayerSelectError,
+    NumericalError,
     UnsupportedArchitectureError,
 )
 from .eval import evaluate
@@ -83,4 +84,5 @@ __all__ = [
     "IncompatibleStatsError",
     "FormatError",
     "BaseModelMismatchError",
+    "NumericalError",
 ]

@@ -86,6 +86,28 @@ _ACT_NAMES = ("act_fn", "activation_fn", "act", "activation")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn")
 
 
+def ffn_parameter_suffixes(roles: Sequence[str]) -> set[tuple[str, str]]:
+    """Every ``(ffn module, matrix attribute)`` pair that may hold one of ``roles`` in any family.
+
+    Lets a reader check the tensor names inside an adapter file against its
+    config without a model at hand (``merge`` streams a checkpoint).
+    """
+    specs = list(FAMILIES.values())
+    mlps = {s.mlp for s in specs} | set(_MLP_NAMES)
+    names: set[str] = set()
+    for role in roles:
+        if role not in ROLES:
+            continue
+        for spec in specs:
+            attr = {"gate": spec.gate or spec.gate_up, "up": spec.up or spec.gate_up, "down": spec.down}[role]
+            if attr:
+                names.add(attr)
+        names.update({"gate": _GATE_NAMES, "up": _UP_NAMES, "down": _DOWN_NAMES}[role])
+        if role in ("gate", "up"):
+            names.add("gate_up_proj")
+    return {(m, a) for m in mlps for a in names}
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Return the transformers model inside our wrapper, a PEFT model, or a DDP wrapper (``.module``)."""
     seen = set()

@@ -45,6 +45,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LayerSelectError as exc:
         print(f"layerselect {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # Disk full, permissions, a path that vanished: the environment or the input, not a bug.
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"layerselect {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

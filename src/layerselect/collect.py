@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import get_adapter, unwrap_model
-from .errors import InvalidInputError
+from .errors import InvalidInputError, NumericalError
 from .stats import DEFINITIONS_VERSION, ActivationStats
 
 __all__ = ["collect_stats"]
@@ -131,6 +131,7 @@ def collect_stats(
         sample_counts = torch.zeros(num_samples, len(layer_ids), num_neurons, dtype=sc_dtype)
 
     state: dict[str, torch.Tensor] = {}
+    nonfinite: dict[int, torch.Tensor] = {}  # slot -> device flag, checked once per batch
 
     def count_hook(slot: int):
         def hook(_module: nn.Module, _inputs: Any, act: torch.Tensor) -> None:
@@ -139,6 +140,12 @@ def collect_stats(
                 mask = state.setdefault(f"mask@{act.device}", mask.to(act.device))
             # fired[b, t, n] as 0/1 floats; float32 sums of 0/1 are exact below 2**24.
             fired = (act > 0).to(torch.float32)
+            # NaN > 0 is False: without this check a numerical blow-up would read as "never fires".
+            bad = (~torch.isfinite(act)).any(dim=-1)
+            flag = nonfinite.get(slot)
+            if flag is None:
+                flag = nonfinite[slot] = torch.zeros((), dtype=torch.bool, device=act.device)
+            flag |= (bad & state["mask_bool"].to(act.device)).any()
             per_sample = torch.bmm(mask[:, None, :], fired).squeeze(1)  # [B, N]
             group_ids = state["group_ids"].to(act.device)
             acc = counts.get(slot)
@@ -175,6 +182,7 @@ def collect_stats(
             handles.append(adapter.layers[layer].register_forward_hook(zero_pad_rows))
     handles.append(adapter.layers[layer_ids[-1]].register_forward_hook(stop_hook))
 
+    base_dtype = next(unwrap_model(model).parameters()).dtype
     total_tokens = sum(len(samples[s].ids) for b in my_batches for s in b)
     bar = tqdm(total=total_tokens, unit="tok", desc="collect", disable=not progress or rank != 0)
     started = time.time()
@@ -203,6 +211,7 @@ def collect_stats(
                     model(**kwargs, use_cache=False)
                 except _StopForward:
                     pass
+                _raise_if_nonfinite(nonfinite, layer_ids, base_dtype, [samples[s] for s in batch], groups)
                 if sample_counts is not None:
                     idx = torch.tensor(batch)
                     for slot in range(len(layer_ids)):
@@ -256,6 +265,23 @@ def collect_stats(
         sample_index=sample_index,
         sample_counts=sample_counts,
         meta=meta,
+    )
+
+
+def _raise_if_nonfinite(flags: Mapping[int, torch.Tensor], layer_ids: Sequence[int], dtype: torch.dtype,
+                        batch: Sequence[_Sample], groups: Sequence[str]) -> None:
+    bad = [layer_ids[slot] for slot, flag in sorted(flags.items()) if bool(flag)]
+    if not bad:
+        return
+    where = ", ".join(sorted({f"{groups[s.group]}[{s.index}]" for s in batch})[:6])
+    hint = (
+        "float16 overflows easily: load the model in bfloat16 or float32"
+        if dtype == torch.float16 else "check the model's weights (a broken checkpoint or conversion)"
+    )
+    raise NumericalError(
+        f"the FFN activations of layer {bad[0]} hold NaN or inf on real tokens (layers {bad}; texts {where}); "
+        f"counting them as 'not fired' would give wrong statistics. The model runs in "
+        f"{str(dtype).removeprefix('torch.')}: {hint}"
     )
 
 

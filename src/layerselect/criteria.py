@@ -38,6 +38,7 @@ import importlib
 import inspect
 import json
 import math
+import numbers
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -48,7 +49,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import FormatError, InvalidInputError
+from ._io import atomic_write_text
+from .errors import FormatError, InvalidInputError, LayerSelectError
 from .stats import ActivationStats
 
 __all__ = [
@@ -58,6 +60,7 @@ __all__ = [
     "CRITERIA",
     "register_criterion",
     "get_criterion",
+    "registered_criterion",
     "list_criteria",
     "select",
     "stability",
@@ -123,7 +126,7 @@ class Selection:
     source_criterion: Criterion | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.layers = sorted(int(x) for x in self.layers)
+        self.layers = _validated_layer_ids(self.layers, "Selection.layers")
         self.scores = {int(k): float(v) for k, v in self.scores.items()}
         self.threshold = None if self.threshold is None else float(self.threshold)
         self.notes = {int(k): str(v) for k, v in self.notes.items()}
@@ -184,6 +187,8 @@ class Selection:
                 f"selection format version {version!r} is not readable by this layerselect "
                 f"(reads up to {SELECTION_FORMAT_VERSION}); upgrade layerselect"
             )
+        if not isinstance(data.get("criterion"), str) or not isinstance(data.get("layers"), list):
+            raise FormatError("selection JSON needs a 'criterion' name and a 'layers' list")
         try:
             return cls(
                 layers=list(data["layers"]),
@@ -196,8 +201,8 @@ class Selection:
                 details=dict(data.get("details", {})),
                 meta=dict(data.get("meta", {})),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise FormatError(f"selection JSON is incomplete or malformed ({exc!r})") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise FormatError(f"selection JSON is incomplete or malformed ({exc})") from None
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Selection:
@@ -209,13 +214,8 @@ class Selection:
         return cls.from_dict(data)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write :meth:`to_json` to ``path`` (parents created)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self.to_json() + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        """Write :meth:`to_json` to ``path`` atomically (parents created)."""
+        return atomic_write_text(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Selection:
@@ -223,7 +223,10 @@ class Selection:
         path = Path(path)
         if not path.is_file():
             raise InvalidInputError(f"{path} does not exist; write one with `layerselect select --out {path}`")
-        return cls.from_json(path.read_text(encoding="utf-8"))
+        try:
+            return cls.from_json(path.read_bytes())
+        except FormatError as exc:
+            raise FormatError(f"{path}: {exc}") from None
 
     # ------------------------------------------------------------------ stability
     def stability(
@@ -233,14 +236,22 @@ class Selection:
         *,
         stats: ActivationStats | None = None,
         confidence: float = 0.95,
+        criterion: str | Criterion | Callable[..., Any] | None = None,
     ) -> Stability:
         """Bootstrap over questions: how often each layer is selected (see :func:`stability`).
 
         Uses the statistics this selection was computed from; a selection
-        loaded from JSON needs ``stats=ActivationStats.load(...)``.
+        loaded from JSON needs ``stats=ActivationStats.load(...)``. The criterion
+        is the one that made the selection, or, for a loaded selection, the
+        *registered* criterion of the recorded name: a name read from a file is
+        only looked up, never imported. Pass ``criterion=`` (a function, or
+        ``"module:function"`` to import) to use another.
         """
         stats = stats if stats is not None else self.source_stats
-        spec = self.source_criterion or get_criterion(self.criterion)
+        if criterion is not None:
+            spec = get_criterion(criterion)
+        else:
+            spec = self.source_criterion or registered_criterion(self.criterion)
         if stats is None and "stats" in spec.required:
             raise InvalidInputError(
                 "this Selection has no statistics attached (it was loaded from JSON or built by hand); "
@@ -384,6 +395,21 @@ def get_criterion(criterion: str | Criterion | Callable[..., Any]) -> Criterion:
     )
 
 
+def registered_criterion(name: str) -> Criterion:
+    """The criterion registered under ``name``; never imports anything.
+
+    Used for names that come from files (a saved selection): a file must not be
+    able to make layerselect import a module.
+    """
+    if isinstance(name, str) and name in CRITERIA:
+        return CRITERIA[name]
+    raise InvalidInputError(
+        f"criterion {name!r} (recorded in the selection) is not registered in this process; "
+        f"registered: {list_criteria()}. Import the module that registers it, or pass "
+        "criterion=<the function> (or criterion='module:function' to import it explicitly)"
+    )
+
+
 def list_criteria() -> list[str]:
     """Names of the registered criteria."""
     return list(CRITERIA)
@@ -436,6 +462,7 @@ def _run(spec: Criterion, stats: ActivationStats | None, model: Any, params: dic
             bad = unknown or sorted(set(params) & inputs)
             allowed = [p for p in sig.parameters if p not in inputs]
             raise InvalidInputError(f"criterion {spec.name!r} has no parameter(s) {bad}; it accepts {allowed}")
+    _check_param_types(spec, sig, params)
     args: list[Any] = []
     kwargs = dict(params)
     if spec.positional_stats:
@@ -445,11 +472,19 @@ def _run(spec: Criterion, stats: ActivationStats | None, model: Any, params: dic
             kwargs["stats"] = stats
         if "model" in spec.takes:
             kwargs["model"] = model
-    out = spec.func(*args, **kwargs)
+    try:
+        out = spec.func(*args, **kwargs)
+    except LayerSelectError:
+        raise
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise InvalidInputError(
+            f"criterion {spec.name!r} failed with parameters {_describe_params(params)} "
+            f"({type(exc).__name__}: {exc}); is it a layer-selection criterion, and are the parameters right?"
+        ) from exc
     if isinstance(out, Selection):
         sel = out
     elif isinstance(out, Iterable) and not isinstance(out, (str, bytes, Mapping)):
-        layers = [int(x) for x in out]
+        layers = _validated_layer_ids(list(out), f"the layers returned by criterion {spec.name!r}")
         sel = Selection(layers=layers, reason=f"layers chosen by the user criterion {spec.name!r}")
     else:
         raise InvalidInputError(
@@ -464,6 +499,15 @@ def _run(spec: Criterion, stats: ActivationStats | None, model: Any, params: dic
             raise InvalidInputError(
                 f"criterion {spec.name!r} produced NaN scores; check the statistics (every group needs tokens) "
                 "or the criterion's parameters"
+            )
+    if model is not None:
+        from .arch import get_adapter
+
+        num = get_adapter(model).num_layers
+        outside = [x for x in sel.layers if x >= num]
+        if outside:
+            raise InvalidInputError(
+                f"criterion {spec.name!r} selected layers {outside}, but the model has {num} layers (0..{num - 1})"
             )
     if stats is not None:
         foreign = sorted(set(sel.layers) - set(stats.layers))
@@ -483,6 +527,49 @@ def _run(spec: Criterion, stats: ActivationStats | None, model: Any, params: dic
     sel.call_params = dict(params)
     sel.source_criterion = spec
     return sel
+
+
+def _validated_layer_ids(values: Any, what: str) -> list[int]:
+    """Validated layer ids: integers (not bools or floats), non-negative, each once; sorted."""
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+        raise InvalidInputError(f"{what} must be a list of layer ids, got {type(values).__name__}")
+    out = []
+    for x in values:
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+            if isinstance(x, torch.Tensor) and x.numel() == 1 and not x.is_floating_point() and x.dtype != torch.bool:
+                x = int(x)
+            else:
+                raise InvalidInputError(f"{what}: {x!r} is not an integer layer id")
+        if int(x) < 0:
+            raise InvalidInputError(f"{what}: layer id {int(x)} is negative")
+        out.append(int(x))
+    dup = sorted({x for x in out if out.count(x) > 1})
+    if dup:
+        raise InvalidInputError(f"{what}: layer ids {dup} appear more than once")
+    return sorted(out)
+
+
+def _check_param_types(spec: Criterion, sig: inspect.Signature, params: Mapping[str, Any]) -> None:
+    """A parameter whose default is a number, bool or string must get one of the same kind."""
+    for key, value in params.items():
+        param = sig.parameters.get(key)
+        if param is None or param.default is inspect.Parameter.empty or param.default is None:
+            continue
+        default = param.default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, (int, float)):
+            kind = numbers.Integral if isinstance(default, int) else numbers.Real
+            ok = isinstance(value, kind) and not isinstance(value, bool)
+        elif isinstance(default, str):
+            ok = isinstance(value, str)
+        else:
+            continue
+        if not ok:
+            raise InvalidInputError(
+                f"criterion {spec.name!r}: parameter {key}={value!r} should be a "
+                f"{type(default).__name__} like its default {default!r}"
+            )
 
 
 def _describe_params(params: Mapping[str, Any]) -> dict[str, Any]:

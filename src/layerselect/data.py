@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from ._io import iter_jsonl
+from ._io import iter_jsonl, read_text
 from .errors import InvalidInputError
 from .texts import split_spec
 
@@ -148,8 +148,7 @@ class TranslationExample:
 
 def _read_lines(path: Path) -> list[str]:
     # newline="\n": keep stray \r or \u2028 inside a line from splitting it (alignment!)
-    with open(path, encoding="utf-8", newline="\n") as fh:
-        lines = fh.read().split("\n")
+    lines = read_text(path).split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     return [ln.rstrip("\r") for ln in lines]

@@ -13,6 +13,7 @@ __all__ = [
     "IncompatibleStatsError",
     "FormatError",
     "BaseModelMismatchError",
+    "NumericalError",
 ]
 
 
@@ -38,3 +39,7 @@ class FormatError(LayerSelectError):
 
 class BaseModelMismatchError(LayerSelectError):
     """An adapter is being applied to a base model it was not trained from."""
+
+
+class NumericalError(LayerSelectError):
+    """A model produced NaN or inf where a measurement needs finite numbers."""

@@ -115,7 +115,7 @@ def gguf_to_checkpoint(gguf_path: str | os.PathLike[str], out_dir: str | os.Path
     fresh.load_state_dict(loaded.state_dict())
     fresh.generation_config = loaded.generation_config
     fresh.config.name_or_path = gguf_path.stem
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, "config.json", overwrite=True, what="converted checkpoint") as tmp:
         fresh.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return Path(out_dir)

@@ -44,7 +44,7 @@ from .errors import FormatError, IncompatibleStatsError, InvalidInputError
 __all__ = ["ActivationStats", "Overlap", "FORMAT_VERSION", "DEFINITIONS_VERSION"]
 
 #: Version of the on-disk layout (``stats.json`` + ``stats.safetensors``).
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: Version of the *definitions* (what "fired" and "token" mean); bump if they change.
 DEFINITIONS_VERSION = 1
 
@@ -88,20 +88,7 @@ class ActivationStats:
     def __post_init__(self) -> None:
         self.groups = list(self.groups)
         self.layers = [int(x) for x in self.layers]
-        num_layers, _, num_groups = self.counts.shape
-        if len(self.groups) != num_groups or self.tokens.shape != (num_groups,):
-            raise FormatError(
-                f"counts have {num_groups} groups, tokens {tuple(self.tokens.shape)}, "
-                f"names {len(self.groups)}: they must agree"
-            )
-        if len(self.layers) != num_layers:
-            raise FormatError(f"counts have {num_layers} layers but {len(self.layers)} layer ids")
-        s = self.sample_fraction.shape[0]
-        for name in ("sample_tokens", "sample_group", "sample_index"):
-            if getattr(self, name).shape != (s,):
-                raise FormatError(f"{name} has shape {tuple(getattr(self, name).shape)}, expected ({s},)")
-        if self.sample_fraction.shape != (s, num_layers):
-            raise FormatError(f"sample_fraction has shape {tuple(self.sample_fraction.shape)}, expected ({s}, {num_layers})")
+        _check_invariants(self)
 
     # ------------------------------------------------------------------ collect
     @classmethod
@@ -377,10 +364,14 @@ class ActivationStats:
             out["sample_counts"] = self.sample_counts
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
-    def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write ``stats.safetensors`` + ``stats.json`` into ``directory`` atomically."""
+    def save(self, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write ``stats.safetensors`` + ``stats.json`` as the folder ``directory``, atomically.
+
+        The folder is replaced whole. A folder holding anything other than earlier
+        statistics is refused unless ``overwrite=True``.
+        """
         directory = Path(directory)
-        with atomic_directory(directory) as tmp:
+        with atomic_directory(directory, META_FILE, overwrite=overwrite, what="stats folder") as tmp:
             save_file(self._tensors(), str(tmp / TENSOR_FILE))
             meta = {
                 "format_version": FORMAT_VERSION,
@@ -392,6 +383,7 @@ class ActivationStats:
                 "tensor_sha256": _sha256(tmp / TENSOR_FILE),
                 "meta": self.meta,
             }
+            meta["checksum"] = _meta_checksum(meta)
             write_json(tmp / META_FILE, meta)
         return directory
 
@@ -410,14 +402,22 @@ class ActivationStats:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise FormatError(f"{meta_path} is not valid JSON ({exc}); the file is corrupt") from None
         version = meta.get("format_version") if isinstance(meta, dict) else None
-        if not isinstance(version, int):
+        if not isinstance(version, int) or isinstance(version, bool):
             raise FormatError(f"{meta_path} has no format_version; it was not written by layerselect")
         if version > FORMAT_VERSION:
             raise FormatError(
                 f"{directory} uses stats format version {version}, newer than this layerselect "
                 f"(reads up to {FORMAT_VERSION}); upgrade layerselect"
             )
-        if meta.get("tensor_sha256") and meta["tensor_sha256"] != _sha256(tensor_path):
+        recorded = meta.get("tensor_sha256")
+        if not isinstance(recorded, str):
+            raise FormatError(f"{meta_path} records no tensor_sha256 checksum; the folder was edited or is incomplete")
+        if version >= 2 and meta.get("checksum") != _meta_checksum(meta):
+            raise FormatError(
+                f"{meta_path} does not match its checksum: its metadata (groups, layers, ...) was edited "
+                "or the file is corrupt; re-run the analysis"
+            )
+        if recorded != _sha256(tensor_path):
             raise FormatError(
                 f"{tensor_path} does not match the checksum in {META_FILE}: the file is corrupt or "
                 "was replaced; re-run the analysis"
@@ -426,12 +426,19 @@ class ActivationStats:
             t = load_file(str(tensor_path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise FormatError(f"{tensor_path} is not a readable safetensors file ({exc})") from None
+        groups, layers = meta.get("groups"), meta.get("layers")
+        if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+            raise FormatError(f"{meta_path}: 'groups' must be a list of names, got {groups!r}")
+        if not isinstance(layers, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+            raise FormatError(f"{meta_path}: 'layers' must be a list of integers, got {layers!r}")
+        if not isinstance(meta.get("meta", {}), dict):
+            raise FormatError(f"{meta_path}: 'meta' must be an object")
         try:
             return cls(
                 counts=t["counts"],
                 tokens=t["tokens"],
-                groups=meta["groups"],
-                layers=meta["layers"],
+                groups=groups,
+                layers=layers,
                 sample_fraction=t["sample_fraction"],
                 sample_tokens=t["sample_tokens"],
                 sample_group=t["sample_group"],
@@ -441,6 +448,76 @@ class ActivationStats:
             )
         except KeyError as exc:
             raise FormatError(f"{directory} lacks the entry {exc}; the files are incomplete") from None
+        except FormatError as exc:
+            raise FormatError(f"{directory}: {exc}") from None
+
+
+def _meta_checksum(meta: Mapping[str, Any]) -> str:
+    """SHA-256 of the metadata (without its own checksum) in canonical JSON, tensor checksum included."""
+    body = {k: v for k, v in meta.items() if k != "checksum"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _check_invariants(st: ActivationStats) -> None:
+    """Shapes, dtypes, unique names and count ranges; FormatError naming what is wrong."""
+    for name in ("counts", "tokens", "sample_tokens", "sample_group", "sample_index"):
+        t = getattr(st, name)
+        if not isinstance(t, torch.Tensor) or t.dtype not in _INT_DTYPES:
+            raise FormatError(f"{name} must be an integer tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if st.counts.dim() != 3:
+        raise FormatError(f"counts must be [layers, neurons, groups], got shape {tuple(st.counts.shape)}")
+    num_layers, _, num_groups = st.counts.shape
+    if len(st.groups) != num_groups or st.tokens.shape != (num_groups,):
+        raise FormatError(
+            f"counts have {num_groups} groups, tokens {tuple(st.tokens.shape)}, "
+            f"names {len(st.groups)}: they must agree"
+        )
+    if len(set(st.groups)) != len(st.groups):
+        dup = sorted({g for g in st.groups if st.groups.count(g) > 1})
+        raise FormatError(f"group names {dup} appear more than once; each group is one language")
+    if len(st.layers) != num_layers:
+        raise FormatError(f"counts have {num_layers} layers but {len(st.layers)} layer ids")
+    if len(set(st.layers)) != len(st.layers) or any(x < 0 for x in st.layers):
+        raise FormatError(f"layer ids {st.layers} must be distinct non-negative integers")
+    s = st.sample_fraction.shape[0] if st.sample_fraction.dim() else -1
+    for name in ("sample_tokens", "sample_group", "sample_index"):
+        if getattr(st, name).shape != (s,):
+            raise FormatError(f"{name} has shape {tuple(getattr(st, name).shape)}, expected ({s},)")
+    if st.sample_fraction.shape != (s, num_layers):
+        raise FormatError(f"sample_fraction has shape {tuple(st.sample_fraction.shape)}, expected ({s}, {num_layers})")
+    if bool((st.tokens < 0).any()):
+        raise FormatError(f"token counts {st.tokens.tolist()} must not be negative")
+    if st.counts.numel():
+        if bool((st.counts < 0).any()):
+            raise FormatError("counts hold negative values; a neuron fires on 0 or more tokens")
+        too_many = st.counts > st.tokens.to(st.counts.dtype)[None, None, :]
+        if bool(too_many.any()):
+            layer_row, _, g = (int(x) for x in too_many.nonzero()[0])
+            raise FormatError(
+                f"counts exceed the token count (layer {st.layers[layer_row]}, group {st.groups[g]!r}: "
+                f"a neuron cannot fire on more than the {int(st.tokens[g])} tokens seen)"
+            )
+    if s > 0:
+        if bool(((st.sample_group < 0) | (st.sample_group >= num_groups)).any()):
+            raise FormatError(f"sample_group holds ids outside 0..{num_groups - 1} ({num_groups} groups)")
+        if bool((st.sample_index < 0).any()) or bool((st.sample_tokens < 0).any()):
+            raise FormatError("sample_index and sample_tokens must not be negative")
+        frac = st.sample_fraction
+        if not frac.is_floating_point() or not bool(((frac >= 0) & (frac <= 1)).all()):
+            raise FormatError("sample_fraction must hold fractions between 0 and 1")
+    if st.sample_counts is not None:
+        sc = st.sample_counts
+        if sc.shape != (s, num_layers, st.counts.shape[1]) or sc.dtype not in _INT_DTYPES:
+            raise FormatError(
+                f"sample_counts has shape {tuple(sc.shape)} / {sc.dtype}, expected integers of shape "
+                f"({s}, {num_layers}, {st.counts.shape[1]})"
+            )
+        if sc.numel() and (bool((sc < 0).any()) or bool((sc > st.sample_tokens[:, None, None]).any())):
+            raise FormatError("sample_counts must lie between 0 and each sample's token count")
 
 
 def _sha256(path: Path) -> str:

@@ -21,7 +21,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from ._io import iter_jsonl
+from ._io import iter_jsonl, read_text
 from .errors import InvalidInputError
 
 __all__ = ["load_texts", "split_spec", "default_data_dir", "PAPER_LANGS"]
@@ -63,7 +63,7 @@ def _read_folder(path: Path, pattern: re.Pattern[str], column: int | None) -> di
         m = pattern.match(f.name)
         if not m:
             continue
-        lines = f.read_text(encoding="utf-8").rstrip("\n").splitlines()
+        lines = read_text(f).rstrip("\n").splitlines()
         # Line i is the same text in every language: a blank line would shift the rest.
         blank = [i + 1 for i, ln in enumerate(lines) if not ln.strip()]
         if blank:

@@ -230,7 +230,7 @@ class SLAMTrainer(Trainer):
         os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)
         if self.slam_model is not None:
-            self.slam_model.save_pretrained(output_dir, state_dict=state_dict)
+            self.slam_model.save_pretrained(output_dir, state_dict=state_dict, into_existing=True)
         _save_trainable(model, Path(output_dir) / TRAINABLE_WEIGHTS_NAME, state_dict)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 

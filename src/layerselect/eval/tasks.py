@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .._io import read_text
 from ..errors import FormatError, InvalidInputError
 from .extract import extract_label, extract_number, parse_number
 
@@ -155,25 +156,24 @@ class MGSM(Task):
 
     def load_file(self, path: Path, lang: str) -> list[Example]:
         out = []
-        with open(path, encoding="utf-8") as fh:
-            for i, line in enumerate(fh):
-                line = line.rstrip("\r\n")
-                if not line.strip():
-                    continue
-                if "\t" not in line:
-                    raise FormatError(f"{path}:{i + 1}: expected 'question<TAB>answer', found no tab")
-                question, answer = line.rsplit("\t", 1)
-                try:
-                    gold = parse_number(answer)
-                except InvalidInputError as exc:
-                    raise FormatError(f"{path}:{i + 1}: {exc}") from None
-                out.append(Example(id=str(i), lang=lang, question=question.strip(), answer=gold))
+        for i, line in enumerate(read_text(path).split("\n")):
+            line = line.rstrip("\r")
+            if not line.strip():
+                continue
+            if "\t" not in line:
+                raise FormatError(f"{path}:{i + 1}: expected 'question<TAB>answer', found no tab")
+            question, answer = line.rsplit("\t", 1)
+            try:
+                gold = parse_number(answer)
+            except InvalidInputError as exc:
+                raise FormatError(f"{path}:{i + 1}: {exc}") from None
+            out.append(Example(id=str(i), lang=lang, question=question.strip(), answer=gold))
         return out
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
     """JSON Lines, or one JSON array / ``{"data": [...]}`` object."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:

@@ -45,8 +45,9 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,8 @@ __all__ = [
     "read_safetensors_header",
     "check_base",
     "check_structure",
+    "check_targets_match",
+    "check_tensor_names",
     "fingerprint_matches",
     "sha256_file",
     "write_adapter",
@@ -376,8 +379,48 @@ def read_adapter(path: str | os.PathLike[str], verify_checksum: bool = True) -> 
         if list(declared[name].get("shape", [])) != shape:
             raise FormatError(f"{weights}: {name} has shape {shape}, {CONFIG_NAME} says {declared[name].get('shape')}")
         tensors[name] = {"shape": shape, "dtype": ST_DTYPES[info["dtype"]]}
+    check_tensor_names(config, tensors, where=str(weights))
     patches = _read_patches(directory, meta, tensors, verify_checksum)
     return AdapterFile(directory, config, meta, tensors, patches)
+
+
+_TENSOR_NAME = re.compile(
+    r"^(?P<prefix>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\.(?P<layer>\d+)"
+    r"\.(?P<module>[A-Za-z_][A-Za-z0-9_]*)\.(?P<attr>[A-Za-z_][A-Za-z0-9_]*)\.weight$"
+)
+
+
+def check_tensor_names(config: SelectiveFFNConfig, names: Iterable[str], where: str = "the adapter") -> None:
+    """Refuse tensors that the config does not declare: another layer, another matrix, another model part.
+
+    Each name must be ``<layers path>.<layer>.<ffn>.<matrix>.weight`` with the layer in
+    ``config.layers`` and the matrix one of ``config.target_modules`` (under any family's
+    name), all under one layers path, and every configured layer must be present.
+    A file that is self-consistent but touches e.g. ``model.embed_tokens.weight`` is
+    refused here, before any entry point applies it.
+    """
+    from ..arch import ffn_parameter_suffixes
+
+    allowed = ffn_parameter_suffixes(config.target_modules)
+    layers = set(config.layers)
+    bad, prefixes, seen = [], set(), set()
+    for name in names:
+        m = _TENSOR_NAME.match(name)
+        if not m or int(m["layer"]) not in layers or (m["module"], m["attr"]) not in allowed:
+            bad.append(name)
+            continue
+        prefixes.add(m["prefix"])
+        seen.add(int(m["layer"]))
+    if bad:
+        raise FormatError(
+            f"{where} holds tensors outside what its config declares (layers {config.layers}, "
+            f"targets {config.target_modules}): {_short(sorted(bad))}; refusing to apply it "
+            "(the file is corrupt or was edited)"
+        )
+    if len(prefixes) > 1:
+        raise FormatError(f"{where} mixes tensors of different layer stacks {sorted(prefixes)}; the file is corrupt")
+    if seen != layers:
+        raise FormatError(f"{where} has no tensors for layers {sorted(layers - seen)} that its config declares")
 
 
 def _read_patches(
@@ -386,7 +429,13 @@ def _read_patches(
     name = meta.get("patches_file")
     if not name:
         return {}
-    path = directory / str(name)
+    if name != PATCHES_NAME:
+        # File names inside a config are fixed; never a path the file chooses.
+        raise FormatError(
+            f"{directory / CONFIG_NAME} names the patches file {name!r}; only {PATCHES_NAME!r} "
+            "inside the adapter folder is allowed (the config is corrupt or hostile)"
+        )
+    path = directory / PATCHES_NAME
     if not path.is_file():
         raise FormatError(f"{directory}: {name} (exactness patches named in {CONFIG_NAME}) is missing")
     if verify and sha256_file(path) != meta.get("patches_sha256"):
@@ -550,6 +599,27 @@ def _apply_patch(weight: torch.Tensor, index: torch.Tensor, bits: torch.Tensor |
     weight.view(-1)[index.to(weight.device)] = bits.view(weight.dtype).to(weight.device)
 
 
+def check_targets_match(adapter: AdapterFile, model: nn.Module) -> None:
+    """The adapter's tensors must be exactly the matrices its config targets on ``model``."""
+    from ..arch import get_adapter
+
+    arch = get_adapter(model)
+    try:
+        layers = arch.check_layers(adapter.config.layers)
+    except InvalidInputError as exc:
+        raise BaseModelMismatchError(f"adapter {adapter.directory} does not fit this model: {exc}") from None
+    expected = {n for i in layers for n in arch.parameter_names(i, adapter.config.target_modules)}
+    if expected != set(adapter.tensors):
+        extra, missing = sorted(set(adapter.tensors) - expected), sorted(expected - set(adapter.tensors))
+        raise BaseModelMismatchError(
+            f"adapter {adapter.directory} holds tensors that do not match what its config targets on this "
+            f"{arch.family} model (layers {adapter.config.layers}, targets {adapter.config.target_modules}): "
+            + (f"unexpected {_short(extra)}" if extra else "")
+            + ("; " if extra and missing else "")
+            + (f"missing {_short(missing)}" if missing else "")
+        )
+
+
 def load_deltas(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -574,6 +644,7 @@ def load_deltas(
         raise InvalidInputError(f"scale must be a finite number, got {scale!r}")
     adapter = read_adapter(path)
     params = named_weights(model)
+    check_targets_match(adapter, model)
     same_base = check_base(adapter, params, get_adapter(model).num_layers, strict=strict)
     deltas = adapter.load_tensors()
     apply_adapter_tensors(params, adapter, deltas, scale, patch=same_base)
@@ -590,15 +661,21 @@ def write_adapter(
     base_dtypes: Mapping[str, torch.dtype],
     base_info: Mapping[str, Any],
     fingerprint: Mapping[str, Mapping[str, Any]],
+    *,
+    overwrite: bool = False,
+    into_existing: bool = False,
 ) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` atomically.
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` as the folder ``directory``.
 
-    If anything fails midway (full disk, crash, exception), a previous adapter in
-    ``directory`` is left intact: files are written to a scratch directory next to
-    it and renamed into place only at the end.
+    The folder is built whole next to ``directory`` and swapped in at the end, so a
+    failure midway (full disk, crash, exception) leaves the previous adapter intact
+    and a success leaves no stale file of it. A non-empty folder that is not an
+    adapter is refused unless ``overwrite=True``. ``into_existing=True`` (training
+    checkpoints, which also hold the Trainer's files) adds the adapter files to the
+    folder instead, each by one atomic rename.
     """
     from .. import __version__
-    from .._io import atomic_directory, write_json
+    from .._io import atomic_directory, atomic_files, write_json
 
     deltas = {name: r.delta.contiguous() for name, r in results.items()}
     patches: dict[str, torch.Tensor] = {}
@@ -646,7 +723,11 @@ def write_adapter(
         "reconstruction": reconstruction,
         "weights_file": WEIGHTS_NAME,
     }
-    with atomic_directory(directory) as tmp:
+    writer = (
+        atomic_files(directory, remove=[PATCHES_NAME]) if into_existing
+        else atomic_directory(directory, CONFIG_NAME, overwrite=overwrite, what="adapter folder")
+    )
+    with writer as tmp:
         save_file(deltas, str(tmp / WEIGHTS_NAME), metadata=metadata)
         meta["weights_sha256"] = sha256_file(tmp / WEIGHTS_NAME)
         if patches:
@@ -654,6 +735,4 @@ def write_adapter(
             meta["patches_file"] = PATCHES_NAME
             meta["patches_sha256"] = sha256_file(tmp / PATCHES_NAME)
         write_json(tmp / CONFIG_NAME, meta)
-    if not patches:  # a previous save's patches no longer apply (the config does not name them)
-        (Path(directory) / PATCHES_NAME).unlink(missing_ok=True)
     return Path(directory)

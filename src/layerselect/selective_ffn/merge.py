@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .._io import atomic_directory, write_json
+from .._io import atomic_directory, check_output_path, contained_file, write_json
 from ..errors import BaseModelMismatchError, FormatError, InvalidInputError
 from .io import (
     ST_DTYPES,
@@ -50,6 +50,7 @@ __all__ = ["merge_checkpoint", "checkpoint_shards"]
 _CHUNK = 16 << 20
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
+_PROVENANCE = "layerselect_merge.json"
 
 
 def checkpoint_shards(base_dir: str | os.PathLike[str]) -> tuple[list[str], dict[str, str], dict[str, Any] | None]:
@@ -60,9 +61,17 @@ def checkpoint_shards(base_dir: str | os.PathLike[str]) -> tuple[list[str], dict
         try:
             index = json.loads(index_path.read_text(encoding="utf-8"))
             weight_map = dict(index["weight_map"])
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
             raise FormatError(f"{index_path} is not a valid safetensors index ({exc})") from None
+        for tensor, shard in weight_map.items():
+            if not isinstance(tensor, str):
+                raise FormatError(f"{index_path}: tensor name {tensor!r} is not a string")
+            # A shard is a plain file name in the base folder: never a path the index chooses.
+            contained_file(base_dir, shard, what=f"shard name for {tensor} in {_INDEX}")
         shards = sorted(set(weight_map.values()))
+        for shard in shards:
+            if not (base_dir / shard).is_file():
+                raise FormatError(f"{index_path} lists the shard {shard}, which is not in {base_dir}")
         return shards, weight_map, index
     if (base_dir / _SINGLE).is_file():
         header, _ = read_safetensors_header(base_dir / _SINGLE)
@@ -216,6 +225,7 @@ def merge_checkpoint(
     scale: float = 1.0,
     strict: bool = True,
     dtype: torch.dtype | str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Merge an adapter into a safetensors checkpoint, streaming tensor by tensor.
 
@@ -231,14 +241,23 @@ def merge_checkpoint(
         dtype: cast floating tensors to this dtype first (e.g. the dtype you trained
             in, so that the merge reproduces the trained weights exactly); default:
             keep the checkpoint's dtypes.
+        overwrite: replace an ``out_dir`` that holds something other than an
+            earlier merge (an earlier merge is always replaced whole).
 
-    Everything is validated before anything is written.
+    Everything is validated before anything is written; the output folder is
+    built next to ``out_dir`` and swapped in whole at the end.
     """
     from ..models import parse_dtype
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
-    if out_dir.resolve() == base_dir.resolve():
-        raise InvalidInputError("--out must differ from --base: the merge writes a new checkpoint")
+    if not base_dir.is_dir():
+        raise InvalidInputError(f"base checkpoint {base_dir} is not a folder")
+    base_real, out_real = base_dir.resolve(), out_dir.resolve()
+    if out_real == base_real or base_real.is_relative_to(out_real) or out_real.is_relative_to(base_real):
+        raise InvalidInputError(
+            f"--out {out_dir} must be outside --base {base_dir} (and not contain it): the merge writes a new checkpoint"
+        )
+    check_output_path(out_dir, _PROVENANCE, overwrite=overwrite, what="merge output")
     cast = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     if not math.isfinite(scale):
         raise InvalidInputError(f"scale must be finite, got {scale}")
@@ -267,7 +286,7 @@ def merge_checkpoint(
     if not set(adapter.tensors) <= set(weight_map):
         raise BaseModelMismatchError(f"checkpoint {base_dir} lacks {sorted(set(adapter.tensors) - set(weight_map))}")
 
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, _PROVENANCE, overwrite=overwrite, what="merge output") as tmp:
         total = 0
         for shard in shards:
             header, start = headers[shard]
@@ -288,7 +307,7 @@ def merge_checkpoint(
                     cfg[key] = name
             cfg.setdefault("dtype", name)
             write_json(tmp / "config.json", cfg)
-        (tmp / "layerselect_merge.json").write_text(
+        (tmp / _PROVENANCE).write_text(
             json.dumps({
                 "base": str(base_dir), "adapter": str(adapter.directory), "scale": scale,
                 "strict": strict, "adapter_weights_sha256": adapter.meta.get("weights_sha256"),

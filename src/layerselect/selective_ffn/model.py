@@ -50,6 +50,7 @@ from .config import SelectiveFFNConfig
 from .io import (
     apply_adapter_tensors,
     check_base,
+    check_targets_match,
     compute_delta,
     dtype_name,
     fingerprint_tensor,
@@ -376,11 +377,18 @@ class SelectiveFFNModel(nn.Module):
         save_directory: str | os.PathLike[str],
         state_dict: Mapping[str, torch.Tensor] | None = None,
         is_main_process: bool = True,
+        *,
+        overwrite: bool = False,
+        into_existing: bool = False,
         **kwargs: Any,
     ) -> None:
         """Write the adapter: ``adapter_config.json`` + ``adapter_model.safetensors`` (deltas only).
 
-        Atomic: on failure a previous adapter in ``save_directory`` is untouched.
+        Atomic: the folder is built whole and swapped in, so on failure a previous
+        adapter in ``save_directory`` is untouched and on success no stale file of
+        it remains. A non-empty folder that is not an adapter is refused unless
+        ``overwrite=True``; ``into_existing=True`` adds the files to a folder that
+        others write too (training checkpoints).
         ``state_dict`` (a full, gathered state dict, as HF Trainer passes under
         FSDP / DeepSpeed ZeRO-3) is used for the trained weights when given;
         ``is_main_process=False`` writes nothing. Other keyword arguments
@@ -404,7 +412,8 @@ class SelectiveFFNModel(nn.Module):
             "num_layers": self._num_layers,
             "dtype": dtype_name(next(iter(self._base_dtypes.values()))),
         }
-        write_adapter(save_directory, self.adapter_config, results, self._base_dtypes, base_info, fingerprint)
+        write_adapter(save_directory, self.adapter_config, results, self._base_dtypes, base_info, fingerprint,
+                      overwrite=overwrite, into_existing=into_existing)
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
@@ -430,15 +439,11 @@ class SelectiveFFNModel(nn.Module):
         model = unwrap_model(model)
         adapter = read_adapter(adapter_path)
         params = dict(model.named_parameters())
+        # Every check runs before the model is touched: a refused load leaves it exactly as it was.
+        check_targets_match(adapter, model)
         same_base = check_base(adapter, params, get_adapter(model).num_layers, strict=strict)
-        config = adapter.config
-        wrapped = cls(model, config, reference=reference, trainable=is_trainable)
-        if set(wrapped.target_names) != set(adapter.tensors):
-            raise InvalidInputError(
-                f"adapter {adapter.directory} holds {sorted(adapter.tensors)} but its config targets "
-                f"{wrapped.target_names}"
-            )
         deltas = adapter.load_tensors()
+        wrapped = cls(model, adapter.config, reference=reference, trainable=is_trainable)
         apply_adapter_tensors(params, adapter, deltas, scale, patch=same_base)
         if not is_trainable:
             wrapped.eval()
