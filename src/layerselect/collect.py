@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 import uuid
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,7 @@ from .arch import get_adapter, unwrap_model
 from .errors import InvalidInputError, NumericalError
 from .stats import DEFINITIONS_VERSION, ActivationStats
 
-__all__ = ["collect_stats"]
+__all__ = ["collect_stats", "check_materialized"]
 
 
 class _StopForward(Exception):
@@ -57,6 +58,37 @@ def _tokenize(tokenizer: Any, texts: Mapping[str, Sequence[str]], max_length: in
                 raise InvalidInputError(f"text {i} of group {group!r} tokenizes to nothing: {text[:60]!r}")
             samples.append(_Sample(g, i, ids))
     return samples
+
+
+def check_materialized(model: nn.Module) -> None:
+    """Refuse a model whose weights are on the meta device (built without loading them).
+
+    Models dispatched by accelerate with offloading also keep meta parameters, but
+    their hooks bring the weights in for each forward: those are fine.
+    """
+    base = unwrap_model(model)
+    if getattr(base, "hf_device_map", None) or any(hasattr(m, "_hf_hook") for m in base.modules()):
+        return
+    meta = [n for n, p in base.named_parameters() if p.device.type == "meta"]
+    if meta:
+        raise InvalidInputError(
+            f"{len(meta)} parameters of the model (e.g. {meta[0]}) are on the meta device: the weights "
+            "were never loaded. Load the model with from_pretrained (or load_model) before measuring it"
+        )
+
+
+def _warn_if_too_long(model: nn.Module, samples: Sequence[_Sample]) -> None:
+    limit = getattr(getattr(unwrap_model(model), "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return
+    longer = [len(s.ids) for s in samples if len(s.ids) > limit]
+    if longer:
+        warnings.warn(
+            f"{len(longer)} of {len(samples)} texts are longer than the model's {limit} positions "
+            f"(longest {max(longer)} tokens); the statistics of those tokens come from positions the model "
+            "was not trained on. Pass max_length to truncate them.",
+            stacklevel=3,
+        )
 
 
 def _dist_info() -> tuple[int, int]:
@@ -100,14 +132,18 @@ def collect_stats(
     """
     if padding_side not in ("right", "left"):
         raise InvalidInputError(f"padding_side must be 'right' or 'left', not {padding_side!r}")
-    if batch_size < 1:
-        raise InvalidInputError(f"batch_size must be >= 1, not {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidInputError(f"batch_size must be a positive integer, not {batch_size!r}")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise InvalidInputError(f"max_length must be a positive integer or None, not {max_length!r}")
+    check_materialized(model)
     adapter = get_adapter(model)
     layer_ids = adapter.check_layers(list(layers) if layers is not None else range(adapter.num_layers))
     if not layer_ids:
         raise InvalidInputError("layers is empty; pass at least one layer index or None for all")
     groups = list(texts.keys())
     samples = _tokenize(tokenizer, texts, max_length)
+    _warn_if_too_long(model, samples)
     num_samples, num_groups = len(samples), len(groups)
     num_neurons = adapter.intermediate_size
     rank, world = _dist_info()

@@ -1127,11 +1127,28 @@ def bootstrap_sample_weights(stats: ActivationStats, generator: torch.Generator)
     replacement once, and every language's sample of question ``q`` gets the
     multiplicity of ``q``, so parallel questions stay aligned across languages.
     """
+    _check_parallel(stats)
     questions = torch.unique(stats.sample_index.long())
     draw = torch.randint(len(questions), (len(questions),), generator=generator)
     mult = torch.bincount(draw, minlength=len(questions))
     pos = torch.searchsorted(questions, stats.sample_index.long())
     return mult[pos]
+
+
+def _check_parallel(stats: ActivationStats) -> None:
+    """Resampling questions needs the same questions in every language."""
+    per_group = {}
+    for g, name in enumerate(stats.groups):
+        per_group[name] = set(stats.sample_index[stats.sample_group == g].tolist())
+    first = next(iter(per_group.values()), set())
+    odd = {name: len(q) for name, q in per_group.items() if q != first}
+    if odd:
+        counts = ", ".join(f"{name}: {len(q)}" for name, q in per_group.items())
+        raise InvalidInputError(
+            "bootstrapping resamples the same questions in every language, but the languages hold "
+            f"different questions ({counts} texts); collect parallel texts (line i = the same question "
+            "in every language) to measure stability"
+        )
 
 
 class _ResampledStats(ActivationStats):

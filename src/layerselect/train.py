@@ -52,13 +52,15 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from ._io import atomic_write_text
 from .data import TranslationCollator, TranslationDataset, TranslationExample, examples_from_hf
-from .errors import InvalidInputError
+from .errors import BaseModelMismatchError, FormatError, InvalidInputError
 
 __all__ = [
     "PAPER_DEFAULTS",
     "EFFECTIVE_BATCH_SIZE",
     "TRAINABLE_WEIGHTS_NAME",
+    "resolve_checkpoint",
     "default_training_args",
     "SLAMTrainer",
     "train_slam",
@@ -197,7 +199,13 @@ def _save_trainable(model: torch.nn.Module, path: Path, state_dict: dict | None 
 def _load_trainable(model: torch.nn.Module, path: Path) -> None:
     from safetensors.torch import load_file
 
-    saved = load_file(str(path))
+    from .selective_ffn.io import read_safetensors_header
+
+    read_safetensors_header(path)  # truncated / corrupt: a FormatError naming the file
+    try:
+        saved = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types
+        raise FormatError(f"could not read {path}: {exc}") from None
     params = _trainable(model)
     if set(saved) != set(params):
         raise InvalidInputError(
@@ -207,6 +215,78 @@ def _load_trainable(model: torch.nn.Module, path: Path) -> None:
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(saved[n].to(p.device, p.dtype))
+
+
+def resolve_checkpoint(resume: bool | str | os.PathLike[str], output_dir: str | os.PathLike[str],
+                       slam_model: Any = None) -> Path:
+    """The checkpoint a resume would load, validated before any training starts.
+
+    ``resume`` is True (the latest ``checkpoint-N`` in ``output_dir``) or a path.
+    Refuses, with a :class:`LayerSelectError`: no checkpoint; a folder that is not a
+    layerselect checkpoint; truncated or corrupt files (named); and a checkpoint
+    trained from another base model than ``slam_model``'s (its adapter's base
+    fingerprint differs), which would otherwise yield an adapter labelled for this
+    base holding the difference of two models.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if resume is True:
+        found = get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+        if found is None:
+            raise InvalidInputError(
+                f"nothing to resume: {output_dir} holds no checkpoint-N folder; drop --resume to start "
+                "training, or give the checkpoint folder"
+            )
+        path = Path(found)
+    else:
+        path = Path(resume)
+    if not path.is_dir():
+        raise InvalidInputError(f"checkpoint {path} does not exist; give a checkpoint-N folder to resume from")
+    if not (path / TRAINABLE_WEIGHTS_NAME).is_file():
+        raise InvalidInputError(
+            f"{path} is not a layerselect checkpoint (no {TRAINABLE_WEIGHTS_NAME}); resume from a "
+            "checkpoint-N folder written by layerselect training"
+        )
+    from .selective_ffn.io import fingerprint_tensor, read_adapter, read_safetensors_header
+
+    read_safetensors_header(path / TRAINABLE_WEIGHTS_NAME)
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"):
+        _check_torch_file(path / name)
+    state = path / "trainer_state.json"
+    if state.is_file():
+        try:
+            json.loads(state.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise FormatError(f"{state} is not valid JSON ({exc}); the checkpoint is corrupt") from None
+    if slam_model is not None:
+        adapter = read_adapter(path)
+        ref = slam_model._need_reference("check the checkpoint's base model")
+        differ = [n for n in slam_model.target_names
+                  if adapter.fingerprint.get(n, {}).get("sha256") != fingerprint_tensor(ref.get(n))["sha256"]]
+        if differ or set(adapter.tensors) != set(slam_model.target_names):
+            base = adapter.meta.get("base_model", {}).get("name_or_path") or "?"
+            raise BaseModelMismatchError(
+                f"checkpoint {path} was trained from another base model ({base!r}) or other layers: "
+                + (f"the base weights of {len(differ)} targeted matrices differ (e.g. {differ[0]})" if differ
+                   else f"it trains {sorted(adapter.tensors)[:3]}..., this run {slam_model.target_names[:3]}...")
+                + ". Resume with the base model and layers it was trained with, or start a new --out"
+            )
+    return path
+
+
+def _check_torch_file(path: Path) -> None:
+    """torch.save files are zip archives: a truncated or corrupt one fails its CRC check."""
+    import zipfile
+
+    if not path.exists():
+        return
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise FormatError(f"{path} is truncated or corrupt ({exc}); resume from an earlier checkpoint") from None
+    if bad is not None:
+        raise FormatError(f"{path} is corrupt (member {bad} fails its checksum); resume from an earlier checkpoint")
 
 
 class SLAMTrainer(Trainer):
@@ -360,6 +440,8 @@ def train_slam(
         callbacks=list(callbacks or []),
         slam_model=slam,
     )
+    if resume_from_checkpoint:
+        resume_from_checkpoint = str(resolve_checkpoint(resume_from_checkpoint, out, slam))
     was_training = train_model.training
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
@@ -387,7 +469,7 @@ def train_slam(
             "learning_rate": training_args.learning_rate,
             "lr_scheduler_type": str(getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)),
         }
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+        atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=1) + "\n")
     if training_args.world_size > 1 and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return (adapter_dir, trainer) if return_trainer else adapter_dir

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .._io import atomic_write_text
 from ..errors import InvalidInputError
 from ._common import add_model_args, load_model_from_args, parse_langs
 
@@ -96,6 +97,26 @@ def _resolve_layers(args: argparse.Namespace, model: Any, tokenizer: Any, out: P
     return adapter.check_layers([int(x) for x in selection.layers]), selection
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Numbers that would only fail deep inside the Trainer, checked up front."""
+    positive = {"--batch-size": args.batch_size, "--max-length": args.max_length, "--save-steps": args.save_steps}
+    if args.grad_accum is not None:
+        positive["--grad-accum"] = args.grad_accum
+    if args.max_pairs is not None:
+        positive["--max-pairs"] = args.max_pairs
+    for flag, value in positive.items():
+        if value < 1:
+            raise InvalidInputError(f"{flag} must be a positive integer, got {value}")
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise InvalidInputError(f"--max-steps must be a positive number of steps (or -1 for epochs), got {args.max_steps}")
+    if not args.epochs > 0:
+        raise InvalidInputError(f"--epochs must be positive, got {args.epochs}")
+    if not args.lr > 0 or args.lr != args.lr:
+        raise InvalidInputError(f"--lr must be a positive learning rate, got {args.lr}")
+    if args.holdout < 0:
+        raise InvalidInputError(f"--holdout must be 0 or more, got {args.holdout}")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..data import filter_examples, load_translation_data, split_holdout
     from ..selective_ffn.config import SelectiveFFNConfig
@@ -103,6 +124,13 @@ def run(args: argparse.Namespace) -> int:
     from ..train import default_training_args, train_slam, translation_loss
 
     out = Path(args.out)
+    _check_args(args)
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError(f"--out {out} is an existing file; give a folder for checkpoints and the adapter")
+    if args.resume:
+        from ..train import resolve_checkpoint
+
+        resolve_checkpoint(True if args.resume == "latest" else args.resume, out)
     # Validate the data before the (slow) model load.
     pairs = load_translation_data(args.train_data, langs=parse_langs(args.langs))
     heldout = []
@@ -153,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     if heldout:
         after = translation_loss(model, tokenizer, heldout, max_length=args.max_length)
         summary.update(heldout_pairs=len(heldout), heldout_loss_before=before, heldout_loss_after=after)
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+        atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=1) + "\n")
     print("[3/3] done")
     print(f"  layers:               {layers}")
     print(f"  trainable parameters: {summary['trainable_parameters']:,} of {summary['total_parameters']:,} "

@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -32,7 +33,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .._io import write_json
+import torch
+
+from .._io import atomic_write_text, write_json
 from ..errors import FormatError, InvalidInputError
 from .generate import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -48,7 +51,7 @@ from .tasks import Example, Task, get_task
 
 __all__ = ["evaluate", "rescore", "read_records", "records_path", "write_results"]
 
-_RUN_KEYS = ("task", "model", "prompt_template", "max_new_tokens", "stop")
+_RUN_KEYS = ("task", "model", "prompt_template", "max_new_tokens", "stop", "model_fingerprint")
 
 
 def records_path(out_dir: str | os.PathLike[str], task: str | Task, lang: str) -> Path:
@@ -130,9 +133,18 @@ def _check_run(out_dir: Path, settings: dict[str, Any], overwrite: bool) -> None
             old = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             old = {}
-        diff = [k for k in _RUN_KEYS if k in old and old[k] != settings[k]]
+        if not isinstance(old, dict):
+            old = {}
+        diff = [k for k in _RUN_KEYS if k in old and k in settings and old[k] != settings[k]]
+        old_data, new_data = old.get("data_sha256") or {}, settings.get("data_sha256") or {}
+        changed = sorted(g for g in new_data if isinstance(old_data, dict) and g in old_data and old_data[g] != new_data[g])
+        if changed:
+            diff.append("data_sha256")
         if diff:
-            details = "; ".join(f"{k}: {old[k]!r} -> {settings[k]!r}" for k in diff)
+            details = "; ".join(
+                f"the questions of {changed} changed" if k == "data_sha256" else f"{k}: {old[k]!r} -> {settings[k]!r}"
+                for k in diff
+            )
             raise InvalidInputError(
                 f"{out_dir} holds generations made with other settings ({details}); "
                 "use another output folder, or overwrite=True / --overwrite to start again"
@@ -140,12 +152,39 @@ def _check_run(out_dir: Path, settings: dict[str, Any], overwrite: bool) -> None
     write_json(path, settings)
 
 
+def model_fingerprint(model: torch.nn.Module, sample: int = 4096) -> str:
+    """A cheap digest of a model's weights: names, shapes and a strided sample of every tensor.
+
+    Training or merging an adapter changes essentially every element of the
+    matrices it touches, so a strided sample detects it; hashing every weight of
+    a 7B model would cost seconds for nothing.
+    """
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in sorted(model.state_dict().items()):
+            h.update(f"{name}:{tuple(p.shape)};".encode())
+            if p.device.type == "meta" or p.numel() == 0:
+                continue
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // sample)
+            picked = flat[::step].to("cpu", torch.float32) if flat.is_floating_point() else flat[::step].cpu().double()
+            h.update(picked.numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _examples_digest(examples: Sequence[Example]) -> str:
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.id, e.question, str(e.answer)], ensure_ascii=False).encode("utf-8"))
+    return h.hexdigest()[:32]
+
+
 def write_results(out_dir: str | os.PathLike[str], table: dict[str, Any], title: str = "") -> str:
     """Save ``table`` as ``results.json`` and ``results.md``; return the markdown."""
     out_dir = Path(out_dir)
     md = format_table(table, title=title)
     write_json(out_dir / "results.json", table)
-    (out_dir / "results.md").write_text(md + "\n", encoding="utf-8")
+    atomic_write_text(out_dir / "results.md", md + "\n")
     return md
 
 
@@ -245,6 +284,8 @@ def evaluate(
         settings = {
             "task": task.name,
             "model": name,
+            "model_fingerprint": model_fingerprint(model) if isinstance(model, torch.nn.Module) else str(model),
+            "data_sha256": {lang: _examples_digest(examples[lang]) for lang in langs},
             "prompt_template": PROMPT_TEMPLATE,
             "max_new_tokens": max_new_tokens,
             "stop": list(stop),
@@ -334,7 +375,12 @@ def rescore(
     """
     out = Path(out_dir)
     run_path = out / "run.json"
-    run = json.loads(run_path.read_text(encoding="utf-8")) if run_path.exists() else {}
+    try:
+        run = json.loads(run_path.read_text(encoding="utf-8")) if run_path.exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{run_path} is not valid JSON ({exc}); pass task= / --task and langs") from None
+    if not isinstance(run, dict):
+        raise FormatError(f"{run_path} is not a JSON object")
     if task is None and "task" not in run:
         raise InvalidInputError(f"{out} has no run.json naming the task; pass task= / --task")
     task = get_task(task or run["task"])
@@ -350,8 +396,14 @@ def rescore(
         records = read_records(path)
         if not records:
             raise InvalidInputError(f"no generations for {lang!r} in {path}; run evaluate first")
-        for rec in records:
-            rec["prediction"] = task.extract(rec.get("response", ""))
+        for i, rec in enumerate(records, 1):
+            missing = [k for k in ("id", "response", "gold") if k not in rec]
+            if missing or not isinstance(rec.get("response"), str):
+                raise FormatError(
+                    f"{path}: record {i} lacks {missing or ['a text response']}; it was not written by "
+                    "layerselect eval. Regenerate with --overwrite"
+                )
+            rec["prediction"] = task.extract(rec["response"])
             rec["correct"] = task.is_correct(rec["prediction"], rec["gold"])
         _rewrite(path, records)
         used = records[:limit] if limit is not None else records
