@@ -90,9 +90,14 @@ def _read_jsonl(path: Path) -> dict[str, list[str]]:
 def split_spec(spec: str | os.PathLike[str], kinds: Sequence[str]) -> tuple[str, Path]:
     """``"kind:PATH"`` -> ``(kind, Path)`` for a known kind, else ``("", Path(spec))`` (kind to detect)."""
     text = str(spec)
-    kind, _, rest = text.partition(":")
+    kind, sep, rest = text.partition(":")
     if kind in kinds and rest:
         return kind, Path(rest)
+    if sep and re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]+", kind) and not Path(text).exists():
+        raise InvalidInputError(
+            f"unknown data kind {kind!r} in {text!r}; the kinds are {', '.join(kinds)} "
+            f"(write KIND:PATH, e.g. {kinds[0]}:{rest or 'DIR'}), or give a plain path"
+        )
     return "", Path(text)
 
 

@@ -20,6 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--langs", default=None, help="comma-separated languages to use (default: all found)")
     p.add_argument("--limit", type=int, default=None, help="first N texts per language")
     p.add_argument("--out", required=True, help="directory to write stats.safetensors + stats.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an --out folder that holds something other than earlier statistics")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--layers", default=None, help="e.g. 0-7 or 0,1,2 (default: all)")
     p.add_argument("--max-length", type=int, default=None)
@@ -50,6 +52,11 @@ def parse_layer_spec(spec: str | None) -> list[int] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .._io import check_output_path
+    from ..stats import META_FILE
+
+    # Before the (slow) model load and pass: an --out that cannot be written fails now.
+    check_output_path(args.out, META_FILE, overwrite=args.overwrite, what="stats folder")
     texts = load_texts(args.data, langs=parse_langs(args.langs), limit=args.limit)
     model, tokenizer = load_model_from_args(args)
     print(f"analyzing {sum(map(len, texts.values()))} texts in {len(texts)} languages: {', '.join(texts)}")
@@ -64,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         per_sample_counts=args.per_sample_counts,
         model_name=args.model,
     )
-    stats.save(args.out)
+    stats.save(args.out, overwrite=args.overwrite)
     ref = args.reference if args.reference in stats.groups else None
     print(stats.format_table(reference=ref))
     print(f"tokens per language: {dict(zip(stats.groups, stats.tokens.tolist()))}")

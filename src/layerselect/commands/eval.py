@@ -10,6 +10,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from typing import Any
@@ -90,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         _print_quiet(args, table)
         return 0
     args.task = args.task or "mgsm"
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise InvalidInputError(f"--out {args.out} is an existing file; give a folder for the generations")
     data = args.data or _default_data(args.task)
     if langs is None:
         from ..eval.tasks import get_task

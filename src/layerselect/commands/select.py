@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .._io import atomic_write_text
 from ..errors import InvalidInputError
 
 
@@ -91,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
             importlib.import_module(module)
         except ImportError as exc:
             raise InvalidInputError(f"cannot import --import {module!r}: {exc}") from None
+    if args.out and Path(args.out).is_dir():
+        raise InvalidInputError(f"--out {args.out} is a folder; give a file path such as {args.out}/selection.json")
     spec = get_criterion(args.criterion)
     params = parse_params(args.param)
     if "reference" not in params and "reference" in inspect.signature(spec.func).parameters:
@@ -123,6 +126,6 @@ def run(args: argparse.Namespace) -> int:
         if args.out:
             out = Path(args.out)
             spath = out.with_name(out.stem + ".stability.json")
-            spath.write_text(json.dumps(st.to_dict(), indent=2) + "\n", encoding="utf-8")
+            atomic_write_text(spath, json.dumps(st.to_dict(), indent=2) + "\n")
             print(f"wrote {spath}")
     return 0

@@ -280,7 +280,14 @@ def evaluate(
 
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+        if out.exists() and not out.is_dir():
+            raise InvalidInputError(f"eval output {out} is an existing file; give a folder")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InvalidInputError(f"cannot create eval output {out}: {exc.strerror or exc}") from None
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise InvalidInputError(f"eval output {out} is not writable")
         settings = {
             "task": task.name,
             "model": name,
