@@ -258,6 +258,8 @@ class Selection:
                 "pass stats=ActivationStats.load(STATS_DIR)"
             )
         params = self.call_params or self.params
+        if criterion is not None and spec.name != self.criterion:
+            params = {}  # the recorded parameters belong to another criterion
         return stability(
             stats, spec, n_boot=n_boot, seed=seed, model=self.source_model,
             confidence=confidence, params=params,
