@@ -36,7 +36,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from layerselect.distributed import load_checkpoint, save_checkpoint, shard_slam_model, trainable_parameters
+from layerselect.distributed import (
+    load_checkpoint,
+    save_checkpoint,
+    shard_slam_model,
+    trainable_parameters,
+)
 from layerselect.selective_ffn import SelectiveFFNConfig, get_slam_model
 
 TINY = {

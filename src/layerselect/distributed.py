@@ -47,7 +47,6 @@ __all__ = [
     "set_full",
     "shard_slam_model",
     "trainable_parameters",
-    "zero_rows",
 ]
 
 #: Step counter and format of a checkpoint written by :func:`save_checkpoint`.
@@ -117,40 +116,22 @@ def set_full(param: torch.Tensor, value: torch.Tensor) -> None:
     param.copy_(value.to(param.device, param.dtype))
 
 
-def zero_rows(grad: torch.Tensor, rows: slice) -> torch.Tensor:
-    """A copy of ``grad`` with the (global) rows ``rows`` set to zero.
+def _mask_rows_hook(rows: slice) -> Any:
+    def pre_forward(module: nn.Module, _args: Any) -> None:
+        # Inside forward, FSDP2 has swapped in the unsharded parameter; its gradient is what
+        # autograd accumulates (the sharded parameter's .grad is assigned after reduce-scatter,
+        # so a tensor hook on the sharded parameter never runs). Hook it once per object.
+        weight = module.weight
+        if weight.requires_grad and not getattr(weight, "_layerselect_rows_masked", False):
+            def mask(grad: torch.Tensor) -> torch.Tensor:
+                grad = grad.clone()
+                grad[rows] = 0
+                return grad
 
-    Works on plain tensors and on FSDP2 gradients sharded along dim 0 (each rank
-    zeroes the part of ``rows`` it holds), which is how a fused ``gate_up`` matrix
-    keeps one half frozen.
-    """
-    dtensor = _dtensor_type()
-    if dtensor is None or not isinstance(grad, dtensor):
-        grad = grad.clone()
-        grad[rows] = 0
-        return grad
-    from torch.distributed.tensor import Replicate, Shard
+            weight.register_hook(mask)
+            weight._layerselect_rows_masked = True
 
-    placements = tuple(grad.placements)
-    local = grad.to_local().clone()
-    total = grad.shape[0]
-    start, stop, _ = rows.indices(total)
-    if all(isinstance(p, Replicate) for p in placements):
-        local[start:stop] = 0
-    elif len(placements) == 1 and isinstance(placements[0], Shard) and placements[0].dim == 0:
-        # DTensor Shard(0) follows torch.chunk: ceil-sized pieces, in rank order.
-        world = grad.device_mesh.size()
-        chunk = -(-total // world)
-        offset = min(grad.device_mesh.get_local_rank() * chunk, total)
-        lo, hi = max(start, offset), min(stop, offset + local.shape[0])
-        if hi > lo:
-            local[lo - offset : hi - offset] = 0
-    else:
-        raise InvalidInputError(
-            f"cannot freeze half of a fused gate_up matrix sharded as {placements}; shard it along dim 0 "
-            "(the FSDP2 default) or target both gate and up"
-        )
-    return dtensor.from_local(local, grad.device_mesh, placements, shape=grad.shape, stride=grad.stride())
+    return pre_forward
 
 
 def trainable_parameters(slam: nn.Module) -> list[nn.Parameter]:
@@ -199,6 +180,11 @@ def shard_slam_model(slam: Any, *, mesh: Any = None, reshard_after_forward: bool
         fully_shard(layer, **kwargs)
     fully_shard(slam.base_model, **kwargs)
     slam._refresh_parameters()
+    modules = dict(slam.base_model.named_modules())
+    for t in slam._targets:
+        if t.frozen_rows is not None:  # fused gate_up with one half trained: keep the other half frozen
+            owner = modules[t.name.removesuffix(".weight")]
+            slam._hooks.append(owner.register_forward_pre_hook(_mask_rows_hook(t.frozen_rows)))
     return slam
 
 

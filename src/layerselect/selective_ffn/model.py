@@ -45,7 +45,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..arch import get_adapter, unwrap_model
-from ..distributed import gather_full, is_sharded_parameter, zero_rows
+from ..distributed import gather_full, is_sharded_parameter
 from ..errors import InvalidInputError
 from .config import SelectiveFFNConfig
 from .io import (
@@ -234,7 +234,9 @@ class SelectiveFFNModel(nn.Module):
                 rows = t.frozen_rows
 
                 def _mask(grad: torch.Tensor, rows: slice = rows) -> torch.Tensor:
-                    return zero_rows(grad, rows)  # plain or FSDP2-sharded gradient
+                    grad = grad.clone()
+                    grad[rows] = 0
+                    return grad
 
                 self._hooks.append(t.param.register_hook(_mask))
 
