@@ -11,7 +11,12 @@ from safetensors.torch import load_file, save_file
 from _hostile import Injected, assert_error, count_steps, fail_at, snapshot
 from layerselect import _io
 from layerselect.errors import BaseModelMismatchError, FormatError, InvalidInputError
-from layerselect.selective_ffn import SelectiveFFNConfig, SelectiveFFNModel, get_slam_model, load_deltas
+from layerselect.selective_ffn import (
+    SelectiveFFNConfig,
+    SelectiveFFNModel,
+    get_slam_model,
+    load_deltas,
+)
 from layerselect.selective_ffn.io import CONFIG_NAME, PATCHES_NAME, WEIGHTS_NAME, sha256_file
 from tiny import IDS, tiny_model
 

@@ -215,7 +215,7 @@ def test_texts_longer_than_the_model_warn_with_the_count():
 def test_non_utf8_text_file_names_file_and_line(tmp_path):
     d = tmp_path / "txt"
     d.mkdir()
-    (d / "en.txt").write_bytes("one\ntwo\n".encode())
+    (d / "en.txt").write_bytes(b"one\ntwo\n")
     (d / "de.txt").write_bytes(b"eins\nzw\xe4i\n")
     with pytest.raises(InvalidInputError) as exc:
         load_texts(f"txt:{d}")

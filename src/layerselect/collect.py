@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import get_adapter, unwrap_model
+from .distributed import is_sharded
 from .errors import InvalidInputError, NumericalError
 from .stats import DEFINITIONS_VERSION, ActivationStats
 
@@ -151,6 +152,11 @@ def collect_stats(
     order = sorted(range(num_samples), key=lambda s: -len(samples[s].ids))
     batches = [order[i : i + batch_size] for i in range(0, num_samples, batch_size)]
     my_batches = batches[rank::world]
+    # A sharded model (FSDP2 / ZeRO-3) gathers weights inside every forward: all ranks must run
+    # the same number of forwards, so ranks with one batch fewer repeat a batch without counting it.
+    padded = my_batches
+    if world > 1 and is_sharded(model):
+        padded = my_batches + batches[: -(-len(batches) // world) - len(my_batches)]
 
     pad_id = getattr(tokenizer, "pad_token_id", None)
     if pad_id is None:
@@ -171,6 +177,8 @@ def collect_stats(
 
     def count_hook(slot: int):
         def hook(_module: nn.Module, _inputs: Any, act: torch.Tensor) -> None:
+            if "skip" in state:
+                return
             mask = state["mask"]
             if mask.device != act.device:
                 mask = state.setdefault(f"mask@{act.device}", mask.to(act.device))
@@ -226,7 +234,7 @@ def collect_stats(
     model.eval()
     try:
         with torch.inference_mode():
-            for batch in my_batches:
+            for step, batch in enumerate(padded):
                 seqs = [samples[s].ids for s in batch]
                 width = max(len(x) for x in seqs)
                 ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -243,10 +251,14 @@ def collect_stats(
                 state["mask_bool"] = mask.bool().to(input_device)
                 state["group_ids"] = torch.tensor([samples[s].group for s in batch])
                 state["sample_ids"] = torch.tensor(batch)
+                if step >= len(my_batches):
+                    state["skip"] = torch.ones(())
                 try:
                     model(**kwargs, use_cache=False)
                 except _StopForward:
                     pass
+                if "skip" in state:
+                    continue
                 _raise_if_nonfinite(nonfinite, layer_ids, base_dtype, [samples[s] for s in batch], groups)
                 if sample_counts is not None:
                     idx = torch.tensor(batch)

@@ -45,6 +45,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..arch import get_adapter, unwrap_model
+from ..distributed import gather_full, is_sharded_parameter
 from ..errors import InvalidInputError
 from .config import SelectiveFFNConfig
 from .io import (
@@ -77,13 +78,13 @@ class _Reference:
         self._mem: dict[str, torch.Tensor] = {}
         self._file: Path | None = None
         if mode == "cpu":
-            self._mem = {n: t.detach().to("cpu", copy=True) for n, t in tensors.items()}
+            self._mem = {n: gather_full(t) for n, t in tensors.items()}  # one at a time if sharded
         elif mode == "disk":
             tmpdir = Path(tempfile.mkdtemp(prefix="layerselect-ref-"))
             self._finalizer = weakref.finalize(self, shutil.rmtree, tmpdir, True)
             self._file = tmpdir / "reference.safetensors"
             # One tensor at a time would need a streaming writer; targets are small next to the model.
-            save_file({n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}, str(self._file))
+            save_file({n: gather_full(t).contiguous() for n, t in tensors.items()}, str(self._file))
         else:
             raise InvalidInputError(f"reference must be 'cpu', 'disk' or None, got {mode!r}")
 
@@ -240,6 +241,14 @@ class SelectiveFFNModel(nn.Module):
 
                 self._hooks.append(t.param.register_hook(_mask))
 
+    def _refresh_parameters(self) -> None:
+        """Re-resolve the targeted parameters by name after a wrapper replaced them (FSDP2's
+        ``fully_shard`` swaps in ``DTensor`` parameters), and re-apply trainability and hooks."""
+        params = dict(self.base_model.named_parameters())
+        for t in self._targets:
+            t.param = params[t.name]
+        self._set_trainable(any(p.requires_grad for p in params.values()))
+
     @property
     def target_names(self) -> list[str]:
         """Base-model parameter names of the trained matrices."""
@@ -306,6 +315,8 @@ class SelectiveFFNModel(nn.Module):
         """Put the base weights back (exactly), keeping the trained ones aside on CPU for :meth:`merge`."""
         if not self._merged:
             return
+        if any(is_sharded_parameter(t.param) for t in self._targets):
+            raise InvalidInputError("unmerge / disable_adapter is not supported on a sharded (FSDP2 / ZeRO-3) model")
         ref = self._need_reference("unmerge")
         self._stash = {}
         for t in self._targets:
@@ -370,7 +381,7 @@ class SelectiveFFNModel(nn.Module):
             for key, value in state_dict.items():  # other wrappers add their own prefixes
                 if key.endswith("." + target.name):
                     return value
-        return target.param.detach()
+        return gather_full(target.param)  # one matrix; a collective when sharded
 
     def save_pretrained(
         self,
@@ -393,17 +404,26 @@ class SelectiveFFNModel(nn.Module):
         FSDP / DeepSpeed ZeRO-3) is used for the trained weights when given;
         ``is_main_process=False`` writes nothing. Other keyword arguments
         (``safe_serialization`` ...) are accepted for compatibility and ignored.
+
+        On a sharded model (FSDP2, DeepSpeed ZeRO-3) call it on *every* rank: the
+        targeted matrices are gathered one at a time (never the whole model) and
+        only the main process, the only one that needs the reference copy, writes.
         """
-        if not is_main_process:
+        collective = state_dict is None and any(is_sharded_parameter(t.param) for t in self._targets)
+        if not is_main_process and not collective:
             return
-        ref = self._need_reference("save the adapter")
+        ref = self._need_reference("save the adapter") if is_main_process else None
         results, fingerprint = {}, {}
         for t in self._targets:
-            base = ref.get(t.name)
             trained = self._trained_tensor(t, state_dict)
+            if ref is None:
+                continue  # another rank writes; this one only took part in the gather
+            base = ref.get(t.name)
             dd = resolve_delta_dtype(self.adapter_config.delta_dtype, base.dtype)
             results[t.name] = compute_delta(trained.to(base.dtype), base, dd)
             fingerprint[t.name] = fingerprint_tensor(base)
+        if ref is None:
+            return
         cfg = getattr(self.base_model, "config", None)
         base_info = {
             "name_or_path": self.adapter_config.base_model_name_or_path,
