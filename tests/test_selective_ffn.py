@@ -74,7 +74,7 @@ def test_config_accepts_a_selection_and_keeps_provenance():
         (dict(layers=[-1]), "negative"),
         (dict(layers=[0.5]), "not an integer"),
         (dict(layers="0,1"), "list of layer indices"),
-        (dict(layers=[0], target_modules=["q_proj"]), "unknown FFN target 'q_proj'"),
+        (dict(layers=[0], target_modules=["w_q"]), "unknown target 'w_q'"),
         (dict(layers=[0], target_modules=[]), "empty"),
         (dict(layers=[0], delta_dtype="int8"), "delta_dtype"),
     ],

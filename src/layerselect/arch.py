@@ -2,8 +2,9 @@
 
 The rest of the library never names a model family. It asks this module, for a
 loaded model, for the decoder layers and, in each, the module whose output is
-``f(W_gate x)`` (the activation that decides whether a neuron *fired*) and the
-FFN weight matrices.
+``f(W_gate x)`` (the activation that decides whether a neuron *fired*), the
+FFN weight matrices, and the attention projections (roles ``q``, ``k``, ``v``,
+``o``; for the paper's sub-layer ablation), including fused ``qkv`` matrices.
 
 Adding a family is one entry in :data:`FAMILIES`. Models of unknown families
 are handled by introspection (:func:`_infer_spec`) when their FFN uses any of
@@ -16,6 +17,8 @@ Example:
     (18, 2048)
     >>> adapter.parameter_names(3, ["up", "down"])       # doctest: +SKIP
     ['model.layers.3.mlp.up_proj.weight', 'model.layers.3.mlp.down_proj.weight']
+    >>> adapter.parameter_names(3, ["q", "o"])           # doctest: +SKIP
+    ['model.layers.3.self_attn.q_proj.weight', 'model.layers.3.self_attn.o_proj.weight']
 """
 
 from __future__ import annotations
@@ -27,10 +30,38 @@ from torch import nn
 
 from .errors import InvalidInputError, UnsupportedArchitectureError
 
-__all__ = ["FFNSpec", "FFN", "ModelAdapter", "FAMILIES", "ROLES", "get_adapter", "unwrap_model"]
+__all__ = [
+    "AttnSpec", "FFNSpec", "FFN", "ModelAdapter", "FAMILIES", "ROLES", "ATTN_ROLES", "TARGET_ROLES",
+    "get_adapter", "unwrap_model",
+]
 
 #: Canonical names of the FFN matrices, whatever a family calls them.
 ROLES: tuple[str, ...] = ("gate", "up", "down")
+#: Canonical names of the attention projections.
+ATTN_ROLES: tuple[str, ...] = ("q", "k", "v", "o")
+#: Every role a selective model can train, in canonical order.
+TARGET_ROLES: tuple[str, ...] = ROLES + ATTN_ROLES
+
+
+@dataclass(frozen=True)
+class AttnSpec:
+    """Attribute names of a family's attention projections, relative to one decoder layer.
+
+    ``qkv`` is set for families that fuse the query, key and value projections
+    into one matrix (rows: all query heads, then key heads, then value heads, as
+    in Phi-3); ``q``/``k``/``v`` are then None.
+    """
+
+    attn: str = "self_attn"
+    q: str | None = "q_proj"
+    k: str | None = "k_proj"
+    v: str | None = "v_proj"
+    o: str = "o_proj"
+    qkv: str | None = None
+
+    @property
+    def fused(self) -> bool:
+        return self.qkv is not None
 
 
 @dataclass(frozen=True)
@@ -47,6 +78,7 @@ class FFNSpec:
     up: str | None = "up_proj"
     down: str = "down_proj"
     gate_up: str | None = None
+    attention: AttnSpec = AttnSpec()
 
     @property
     def fused(self) -> bool:
@@ -66,7 +98,8 @@ FAMILIES: dict[str, FFNSpec] = {
     "gemma2": _LLAMA_STYLE,
     "gemma3": _LLAMA_STYLE,
     "gemma3_text": _LLAMA_STYLE,
-    "phi3": FFNSpec(act="activation_fn", gate=None, up=None, gate_up="gate_up_proj"),
+    "phi3": FFNSpec(act="activation_fn", gate=None, up=None, gate_up="gate_up_proj",
+                    attention=AttnSpec(q=None, k=None, v=None, qkv="qkv_proj")),
 }
 
 # Where decoder layers live, tried in order (CausalLM, multimodal wrappers, bare models).
@@ -84,6 +117,10 @@ _UP_NAMES = ("up_proj", "w3", "up", "wi_1")
 _DOWN_NAMES = ("down_proj", "w2", "down", "wo")
 _ACT_NAMES = ("act_fn", "activation_fn", "act", "activation")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn")
+_ATTN_NAMES = ("self_attn", "attention", "attn", "self_attention")
+_Q_NAMES, _K_NAMES, _V_NAMES = ("q_proj", "wq", "query"), ("k_proj", "wk", "key"), ("v_proj", "wv", "value")
+_O_NAMES = ("o_proj", "out_proj", "wo", "dense")
+_QKV_NAMES = ("qkv_proj", "Wqkv", "query_key_value")
 
 
 def ffn_parameter_suffixes(roles: Sequence[str]) -> set[tuple[str, str]]:
@@ -192,21 +229,70 @@ class ModelAdapter:
             gate_up=getattr(mlp, s.gate_up) if s.gate_up else None,
         )
 
-    def module_names(self, index: int, roles: Sequence[str]) -> list[str]:
-        """Qualified module names (relative to the adapted model) of the given FFN roles.
+    def attention_spec(self) -> AttnSpec:
+        """Where this family keeps its attention projections (checked on layer 0)."""
+        spec = self.spec.attention
+        layer = self.layers[0]
+        attn = getattr(layer, spec.attn, None)
+        wanted = [spec.o, *((spec.qkv,) if spec.fused else (spec.q, spec.k, spec.v))]
+        if isinstance(attn, nn.Module) and all(isinstance(getattr(attn, n, None), nn.Module) for n in wanted):
+            return spec
+        return _infer_attention(layer, self.layers_path)
 
-        On a fused family, ``gate`` and ``up`` both name the fused matrix (listed once).
+    def module_names(self, index: int, roles: Sequence[str]) -> list[str]:
+        """Qualified module names (relative to the adapted model) of the given roles.
+
+        FFN roles ``gate``/``up``/``down`` and attention roles ``q``/``k``/``v``/``o``.
+        On a fused family, ``gate`` and ``up`` both name the fused gate_up matrix
+        and ``q``/``k``/``v`` the fused qkv matrix (each listed once).
         """
         s = self.spec
         names: list[str] = []
         for role in roles:
-            if role not in ROLES:
-                raise InvalidInputError(f"unknown FFN role {role!r}; use some of {list(ROLES)}")
-            attr = {"gate": s.gate or s.gate_up, "up": s.up or s.gate_up, "down": s.down}[role]
-            name = f"{self.layers_path}.{index}.{s.mlp}.{attr}"
+            if role in ROLES:
+                attr = {"gate": s.gate or s.gate_up, "up": s.up or s.gate_up, "down": s.down}[role]
+                name = f"{self.layers_path}.{index}.{s.mlp}.{attr}"
+            elif role in ATTN_ROLES:
+                a = self.attention_spec()
+                attr = {"q": a.q or a.qkv, "k": a.k or a.qkv, "v": a.v or a.qkv, "o": a.o}[role]
+                name = f"{self.layers_path}.{index}.{a.attn}.{attr}"
+            else:
+                raise InvalidInputError(f"unknown target role {role!r}; use some of {list(TARGET_ROLES)}")
             if name not in names:
                 names.append(name)
         return names
+
+    def fused_rows(self, index: int, module_name: str) -> dict[str, slice] | None:
+        """Rows of each role inside a fused matrix (``gate_up`` or ``qkv``); None when not fused.
+
+        gate_up: gate rows first, then up (halves). qkv: query heads, key heads, value heads
+        (``num_attention_heads * head_dim`` query rows, the rest split evenly between k and v).
+
+        Example:
+            >>> adapter.fused_rows(0, "model.layers.0.self_attn.qkv_proj")   # doctest: +SKIP
+            {'q': slice(0, 3072), 'k': slice(3072, 6144), 'v': slice(6144, 9216)}
+        """
+        attr = module_name.rsplit(".", 1)[-1]
+        if self.spec.fused and attr == self.spec.gate_up:
+            rows = self.ffn(index).gate_up.out_features
+            return {"gate": slice(0, rows // 2), "up": slice(rows // 2, rows)}
+        a = self.attention_spec()
+        if a.fused and attr == a.qkv:
+            attn = getattr(self.layers[index], a.attn)
+            rows = getattr(attn, a.qkv).out_features
+            cfg = getattr(self.model, "config", None)
+            cfg = getattr(cfg, "text_config", None) or cfg
+            heads = getattr(cfg, "num_attention_heads", None)
+            head_dim = getattr(attn, "head_dim", None) or getattr(cfg, "head_dim", None)
+            if heads is None or head_dim is None or (rows - heads * head_dim) % 2 or rows <= heads * head_dim:
+                raise UnsupportedArchitectureError(
+                    f"cannot split the fused {module_name} ({rows} rows) into q/k/v: "
+                    f"num_attention_heads={heads}, head_dim={head_dim}; target the whole matrix (q, k and v)"
+                )
+            q = heads * head_dim
+            kv = (rows - q) // 2
+            return {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, rows)}
+        return None
 
     def parameter_names(self, index: int, roles: Sequence[str]) -> list[str]:
         """Qualified weight names, e.g. ``model.layers.3.mlp.up_proj.weight``."""
@@ -270,6 +356,28 @@ def _infer_spec(layer: nn.Module, where: str) -> FFNSpec:
         "(layerselect needs down(f(gate(x)) * up(x)) with gate/up/down projections and an "
         "activation module). Models such as GPT-2 or BERT with a plain two-matrix MLP are not "
         "supported; for a gated FFN under other names, add an entry to layerselect.arch.FAMILIES."
+    )
+
+
+def _infer_attention(layer: nn.Module, where: str) -> AttnSpec:
+    """Introspect one decoder layer for its attention projections (separate or fused qkv)."""
+    attn_name = _first_attr(layer, _ATTN_NAMES)
+    if attn_name is not None:
+        attn = getattr(layer, attn_name)
+        o = _first_attr(attn, _O_NAMES)
+        q, k, v = _first_attr(attn, _Q_NAMES), _first_attr(attn, _K_NAMES), _first_attr(attn, _V_NAMES)
+        qkv = _first_attr(attn, _QKV_NAMES)
+        if o and q and k and v:
+            return AttnSpec(attn=attn_name, q=q, k=k, v=v, o=o)
+        if o and qkv:
+            return AttnSpec(attn=attn_name, q=None, k=None, v=None, o=o, qkv=qkv)
+        found = [n for n, _ in attn.named_children()]
+    else:
+        found = [n for n, _ in layer.named_children()]
+    raise UnsupportedArchitectureError(
+        f"could not find the attention projections in `{where}.0` (looked for an attention module "
+        f"{list(_ATTN_NAMES)} with q/k/v/o or fused qkv projections; found {found}). "
+        "Add an AttnSpec to this family's entry in layerselect.arch.FAMILIES."
     )
 
 

@@ -10,7 +10,9 @@ that one file; without a suffix it writes ``path.png`` and ``path.svg``
 - :func:`plot_overlap`: overlap with English per layer per language plus the average (Fig. 3);
 - :func:`plot_selection`: a criterion's score per layer, the threshold and the selected layers;
 - :func:`plot_overlap_comparison`: the overlap of two statistics, e.g. before/after training (Fig. 6);
-- :func:`plot_all`: all of them into one directory.
+- :func:`plot_representations`: last-token hidden states of parallel texts in 2-D,
+  coloured by language, base vs trained side by side (Fig. 10);
+- :func:`plot_all`: the statistics figures into one directory.
 
 Example:
     >>> from layerselect.plots import plot_all
@@ -41,8 +43,17 @@ __all__ = [
     "plot_selection",
     "plot_overlap_comparison",
     "plot_all",
+    "plot_representations",
     "save_figure",
+    "LANG_COLORS",
 ]
+
+#: Distinct colours for up to 20 languages (tab20's dark shades first, then the light ones).
+LANG_COLORS: tuple[str, ...] = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+    "#bcbd22", "#17becf", "#000000", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5",
+    "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5",
+)
 
 FORMATS = ("png", "svg")
 PathLike = str | os.PathLike[str]
@@ -262,3 +273,62 @@ def plot_all(
     for name, make in figs:
         written += save_figure(make(), out / name, formats)
     return written
+
+
+def plot_representations(
+    model: Any,
+    tokenizer: Any,
+    texts: dict[str, Sequence[str]],
+    layers: Sequence[int],
+    *,
+    trained: Any = None,
+    method: str = "pca",
+    labels: tuple[str, str] = ("base", "trained"),
+    batch_size: int = 8,
+    seed: int = 0,
+    path: PathLike | None = None,
+    formats: Sequence[str] = FORMATS,
+) -> Figure:
+    """Last-token hidden states of parallel texts, projected to 2-D and coloured by language (Fig. 10).
+
+    One row per layer; one column for ``model`` and, if given, one for
+    ``trained`` (the same base after training, e.g. a
+    :class:`~layerselect.selective_ffn.SelectiveFFNModel`). With ``trained`` the
+    projection of a layer is fitted on both models' states together, so the two
+    panels share their axes. ``method``: ``"pca"`` (default) or ``"tsne"``
+    (scikit-learn). Up to 20 languages get distinct colours (:data:`LANG_COLORS`).
+
+    Example:
+        >>> fig = plot_representations(base, tok, texts, [0, 9], trained=slam,
+        ...                            path="figs/representations.png")   # doctest: +SKIP
+    """
+    import numpy as np
+
+    from .representations import last_token_states, project_2d
+
+    langs = list(texts)
+    if len(langs) > len(LANG_COLORS):
+        raise InvalidInputError(f"{len(langs)} languages; at most {len(LANG_COLORS)} get distinct colours")
+    models = [model] if trained is None else [model, trained]
+    states = [last_token_states(m, tokenizer, texts, layers, batch_size=batch_size) for m in models]
+    row_langs = np.array(states[0][1])
+    fig, _ = _figure(4.2 * len(models) + 1.4, 3.6 * len(layers))
+    fig.clear()
+    axes = fig.subplots(len(layers), len(models), squeeze=False)
+    for r, layer in enumerate(layers):
+        joint = np.concatenate([st[0][layer] for st in states])
+        xy = project_2d(joint, method=method, seed=seed)
+        n = len(row_langs)
+        for c in range(len(models)):
+            ax = axes[r][c]
+            part = xy[c * n : (c + 1) * n]
+            for k, lang in enumerate(langs):
+                sel = row_langs == lang
+                ax.scatter(part[sel, 0], part[sel, 1], s=14, color=LANG_COLORS[k], label=lang, alpha=0.85,
+                           edgecolors="none")
+            name = labels[c] if len(models) > 1 else "model"
+            ax.set_title(f"{name}: layer {layer} ({method.upper() if method == 'pca' else 't-SNE'})", fontsize=9)
+            ax.tick_params(labelsize=7)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside right upper", fontsize=8, title="language")
+    return _finish(fig, path, formats)

@@ -5,6 +5,8 @@ Example::
     layerselect eval --model smollm2-135m --task mgsm --data ../shared/data/mgsm \\
         --langs en,de,zh --limit 20 --out results/
     layerselect eval --task mgsm --out results/ --rescore     # re-score, no model
+    layerselect eval --metric nll --model gemma-3-270m --task mgsm --data ../shared/data/mgsm \
+        --solutions ../shared/data/mgsm_solutions/mgsm_en_solutions.jsonl --out gap/   # reasoning gap
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import os
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidInputError
@@ -51,6 +54,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="discard saved generations and start again")
     p.add_argument("--reference", default="en", help="language PCR is measured against (default: en)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--metric", choices=("accuracy", "nll"), default="accuracy",
+                   help="accuracy (default: generate and score answers) or nll: the generation-free "
+                        "reasoning gap, NLL of the English solution given the question in each language")
+    p.add_argument("--solutions", default=None,
+                   help="--metric nll: English solutions JSONL, line i = question i "
+                        "(default: $LAYERSELECT_DATA_DIR/mgsm_solutions/mgsm_en_solutions.jsonl)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="--metric nll: bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="--metric nll: bootstrap seed")
     p.set_defaults(func=run)
 
 
@@ -85,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
     from ..eval import evaluate, rescore
 
     langs = parse_langs(args.langs)
+    if args.metric == "nll":
+        return run_gap(args, langs)
     if args.rescore:  # task None -> the one recorded in run.json
         table = rescore(args.out, task=args.task, langs=langs, limit=args.limit,
                         reference=args.reference, verbose=not args.quiet)
@@ -140,3 +153,59 @@ def _print_quiet(args: argparse.Namespace, table: dict[str, Any]) -> None:
     """With --quiet, evaluate prints nothing; the table is still the command's output."""
     if args.quiet:
         print(table["markdown"])
+
+
+def _default_solutions() -> str:
+    from ..texts import default_data_dir
+
+    base = default_data_dir()
+    path = base / "mgsm_solutions" / "mgsm_en_solutions.jsonl" if base is not None else None
+    if path is None or not path.is_file():
+        raise InvalidInputError("pass --solutions, the English solutions JSONL (no default found)")
+    return str(path)
+
+
+def run_gap(args: argparse.Namespace, langs: list[str] | None) -> int:
+    """``--metric nll``: the reasoning gap per language; writes OUT/reasoning_gap.json and .md."""
+    from .._io import write_json
+    from ..eval import format_gap_table, load_solutions, reasoning_gap
+    from ..eval.tasks import get_task
+
+    task_name = args.task or "mgsm"
+    if args.rescore:
+        raise InvalidInputError("--rescore re-scores generations; --metric nll has none to re-score")
+    if args.backend != "transformers":
+        raise InvalidInputError("--metric nll scores with the transformers backend only")
+    data = args.data or _default_data(task_name)
+    task = get_task(task_name)
+    found = task.available_langs(data)
+    if langs is None:  # the reference first, then the paper's order
+        langs = [x for x in PAPER_LANGS if x in found] or found
+        langs = [args.reference, *[x for x in langs if x != args.reference]]
+    if args.reference not in langs:
+        langs = [args.reference, *langs]
+    solutions = load_solutions(args.solutions or _default_solutions(), limit=args.limit)
+    questions = {}
+    for lang in langs:
+        exs = task.load(data, lang, args.limit)
+        if len(exs) != len(solutions):
+            raise InvalidInputError(
+                f"{len(exs)} {task_name} questions in {lang!r} but {len(solutions)} solutions; "
+                "the solutions file must have one line per question"
+            )
+        questions[lang] = [task.format_query(e) for e in exs]
+    model, tokenizer = _load(args)
+    name = args.model + (f"+{args.adapter}" if args.adapter else "")
+    print(f"reasoning gap of {name} on {task_name} ({len(solutions)} questions) in {', '.join(langs)}",
+          file=sys.stderr)
+    result = reasoning_gap(model, tokenizer, questions, solutions, reference=args.reference,
+                           batch_size=args.batch_size, bootstrap=args.bootstrap, seed=args.seed,
+                           verbose=not args.quiet)
+    result = {"task": task_name, "model": name, "dtype": args.dtype, **result}
+    md = format_gap_table(result, title=f"{task_name} reasoning gap: {name}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "reasoning_gap.json", result)
+    (out / "reasoning_gap.md").write_text(md + "\n", encoding="utf-8")
+    print(md)
+    return 0

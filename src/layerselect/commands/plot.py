@@ -1,8 +1,17 @@
-"""``layerselect plot``: figures of saved statistics (and a before/after comparison)."""
+"""``layerselect plot``: figures of saved statistics (and a before/after comparison), or representations.
+
+Example::
+
+    layerselect plot stats/ --out figs/
+    layerselect plot --representations --model gemma-3-270m --adapter runs/slam \\
+        --data mgsm:../shared/data/mgsm --layers 0,3,17 --limit 60 --out figs/
+"""
 
 from __future__ import annotations
 
 import argparse
+
+from ._common import add_model_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -11,10 +20,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="plot activation ratio, overlap and the selection of saved statistics",
         description=(
             "Write activation_ratio, overlap (with --reference) and selection_<criterion> figures "
-            "for STATS_DIR into --out, plus overlap_comparison with --compare OTHER_STATS_DIR."
+            "for STATS_DIR into --out, plus overlap_comparison with --compare OTHER_STATS_DIR. "
+            "With --representations: last-token hidden states of parallel texts at --layers, "
+            "projected to 2-D and coloured by language, base vs --adapter side by side (paper Fig. 10)."
         ),
     )
-    p.add_argument("stats_dir", help="directory written by `layerselect analyze`")
+    p.add_argument("stats_dir", nargs="?", default=None, help="directory written by `layerselect analyze`")
     p.add_argument("--out", required=True, help="output directory for the figures")
     p.add_argument("--compare", default=None, metavar="OTHER_STATS_DIR", help="statistics to compare against (after)")
     p.add_argument("--labels", default="before,after", help="labels of STATS_DIR and --compare (default before,after)")
@@ -22,12 +33,62 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference", default="en")
     p.add_argument("--tau", type=float, default=0.5)
     p.add_argument("--format", dest="formats", default="png,svg", help="comma-separated: png,svg,pdf (default png,svg)")
+    g = p.add_argument_group("--representations")
+    g.add_argument("--representations", action="store_true",
+                   help="plot hidden-state representations instead of statistics")
+    add_model_args(g)
+    g.add_argument("--adapter", default=None, help="adapter directory: plot base vs base+adapter side by side")
+    g.add_argument("--data", default=None, help="parallel texts: mgsm:DIR, txt:DIR or jsonl:FILE (default: MGSM)")
+    g.add_argument("--langs", default=None, help="comma-separated languages (default: all found)")
+    g.add_argument("--limit", type=int, default=50, help="texts per language (default 50)")
+    g.add_argument("--layers", default=None, help="comma-separated layers (default: first, middle, last)")
+    g.add_argument("--method", choices=("pca", "tsne"), default="pca", help="projection (tsne needs scikit-learn)")
+    g.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(func=run)
+
+
+def run_representations(args: argparse.Namespace) -> int:
+    import copy
+    from pathlib import Path
+
+    from ..arch import get_adapter
+    from ..errors import InvalidInputError
+    from ..plots import plot_representations, save_figure
+    from ..texts import default_data_dir, load_texts
+    from ._common import load_model_from_args, parse_langs
+
+    data = args.data
+    if data is None:
+        base_dir = default_data_dir()
+        if base_dir is None or not (base_dir / "mgsm").is_dir():
+            raise InvalidInputError("pass --data, e.g. mgsm:../shared/data/mgsm")
+        data = f"mgsm:{base_dir / 'mgsm'}"
+    texts = load_texts(data, parse_langs(args.langs), args.limit)
+    model, tokenizer = load_model_from_args(args)
+    n = get_adapter(model).num_layers
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else sorted({0, n // 2, n - 1})
+    trained = None
+    if args.adapter:
+        from ..selective_ffn import SelectiveFFNModel
+
+        trained = SelectiveFFNModel.from_pretrained(copy.deepcopy(model), args.adapter)
+    formats = [f.strip().lower() for f in args.formats.split(",") if f.strip()]
+    out = Path(args.out) / f"representations_{args.method}"
+    fig = plot_representations(model, tokenizer, texts, layers, trained=trained, method=args.method,
+                               batch_size=args.batch_size, labels=("base", "base+adapter"))
+    for path in save_figure(fig, out, formats):
+        print(f"wrote {path}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     from ..criteria import Selection
     from ..errors import InvalidInputError
+
+    if args.representations:
+        return run_representations(args)
+    if args.stats_dir is None:
+        raise InvalidInputError("pass STATS_DIR (from `layerselect analyze`), or --representations")
     from ..plots import plot_all
     from ..stats import ActivationStats
 

@@ -5,6 +5,9 @@
   language, the average, and PCR per non-English language;
 - :func:`rescore` re-scores saved generations without a model;
 - :func:`extract_answer`, :func:`accuracy`, :func:`pcr` are the scoring functions alone;
+- :func:`reasoning_gap` is the generation-free reasoning measure: NLL of the English
+  solution given the question in each language, its gap to English, bootstrap intervals
+  (:func:`load_solutions` reads the solutions, :func:`format_gap_table` prints it);
 - :class:`MGSM`, :class:`MSVAMP`, :class:`XCSQA` are the tasks (:func:`get_task` by name).
 
 Example:
@@ -18,6 +21,7 @@ Example:
 from __future__ import annotations
 
 from .extract import extract_answer, extract_label, extract_number, normalize_digits, parse_number
+from .gap import format_gap_table, gap_item, load_solutions, reasoning_gap, target_nll
 from .generate import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_STOP,
@@ -33,6 +37,11 @@ from .tasks import MGSM, MSVAMP, TASKS, XCSQA, Example, Task, get_task
 
 __all__ = [
     "evaluate",
+    "reasoning_gap",
+    "load_solutions",
+    "gap_item",
+    "target_nll",
+    "format_gap_table",
     "rescore",
     "extract_answer",
     "extract_number",

@@ -7,6 +7,8 @@ Example:
     ['up', 'down']
     >>> SelectiveFFNConfig.from_dict(cfg.to_dict()) == cfg
     True
+    >>> SelectiveFFNConfig(layers=[0], target_modules=["attn", "ffn"]).target_modules
+    ['gate', 'up', 'down', 'q', 'k', 'v', 'o']
     >>> SelectiveFFNConfig(layers=[1, 1])
     Traceback (most recent call last):
     ...
@@ -23,7 +25,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..arch import ROLES
+from ..arch import ATTN_ROLES, ROLES, TARGET_ROLES
 from ..errors import FormatError, InvalidInputError
 
 __all__ = ["SelectiveFFNConfig", "DELTA_DTYPES", "normalize_target_modules"]
@@ -35,7 +37,8 @@ __all__ = ["SelectiveFFNConfig", "DELTA_DTYPES", "normalize_target_modules"]
 #: their reconstruction error is recorded in ``adapter_config.json``.
 DELTA_DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
 
-# Names users may give for the FFN matrices -> canonical roles (arch.ROLES).
+# Names users may give for the FFN matrices and attention projections -> canonical roles
+# (arch.ROLES, arch.ATTN_ROLES). "all" keeps its original meaning: every FFN matrix.
 _ALIASES: dict[str, tuple[str, ...]] = {
     "gate": ("gate",),
     "gate_proj": ("gate",),
@@ -51,6 +54,19 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "all": ROLES,
     "ffn": ROLES,
     "mlp": ROLES,
+    "q": ("q",),
+    "q_proj": ("q",),
+    "k": ("k",),
+    "k_proj": ("k",),
+    "v": ("v",),
+    "v_proj": ("v",),
+    "o": ("o",),
+    "o_proj": ("o",),
+    "qkv": ("q", "k", "v"),
+    "qkv_proj": ("q", "k", "v"),
+    "attn": ATTN_ROLES,
+    "attention": ATTN_ROLES,
+    "self_attn": ATTN_ROLES,
 }
 
 # Attributes of a Selection-like object kept as provenance (whatever exists of them).
@@ -58,20 +74,28 @@ _PROVENANCE_ATTRS = ("criterion", "name", "threshold", "scores", "why", "reason"
 
 
 def normalize_target_modules(targets: str | Iterable[str]) -> list[str]:
-    """Map user names (``"up_proj"``, ``"gate_up_proj"``, ``"all"``, ...) to canonical roles, in ROLES order."""
+    """Map user names to canonical roles, in :data:`~layerselect.arch.TARGET_ROLES` order.
+
+    FFN: ``"up_proj"``, ``"gate_up_proj"``, ``"ffn"``/``"all"`` (gate+up+down);
+    attention: ``"q"``, ``"k_proj"``, ``"qkv"``, ``"attn"`` (q+k+v+o).
+
+    Example:
+        >>> normalize_target_modules(["o_proj", "up"])
+        ['up', 'o']
+    """
     if isinstance(targets, str):
         targets = [targets]
     roles: set[str] = set()
     for t in targets:
         if not isinstance(t, str) or t.lower() not in _ALIASES:
             raise InvalidInputError(
-                f"unknown FFN target {t!r} in SelectiveFFNConfig.target_modules; "
+                f"unknown target {t!r} in SelectiveFFNConfig.target_modules; "
                 f"use some of {sorted(_ALIASES)}"
             )
         roles.update(_ALIASES[t.lower()])
     if not roles:
         raise InvalidInputError("SelectiveFFNConfig.target_modules is empty; the default is ['up', 'down']")
-    return [r for r in ROLES if r in roles]
+    return [r for r in TARGET_ROLES if r in roles]
 
 
 def _jsonable(value: Any) -> Any:
@@ -115,11 +139,13 @@ class SelectiveFFNConfig:
         layers: decoder-layer indices, or any object with a ``.layers`` attribute
             (e.g. a :class:`layerselect.criteria.Selection`); in the latter case its
             criterion, scores and explanation are kept in ``selection`` as provenance.
-        target_modules: FFN matrices to train, as roles (``"gate"``, ``"up"``,
-            ``"down"``), family names (``"up_proj"``, ``"gate_up_proj"``) or ``"all"``.
-            Default ``["up", "down"]``, what the paper's released code trains.
-            On fused gate/up families (Phi-3) the fused matrix is trained, with the
-            gradient of untargeted rows masked.
+        target_modules: matrices to train, as roles (``"gate"``, ``"up"``,
+            ``"down"``; attention ``"q"``, ``"k"``, ``"v"``, ``"o"``), family names
+            (``"up_proj"``, ``"gate_up_proj"``, ``"qkv_proj"``) or groups
+            (``"ffn"`` = ``"all"`` = gate+up+down, ``"attn"`` = q+k+v+o; the paper's
+            sub-layer ablation). Default ``["up", "down"]``, what the paper's released
+            code trains. On fused families (Phi-3 ``gate_up_proj``, ``qkv_proj``) the
+            fused matrix is trained, with the gradient of untargeted rows masked.
         base_model_name_or_path: recorded in the adapter; filled from the model's
             ``config.name_or_path`` by :func:`get_slam_model` when left empty.
         delta_dtype: one of :data:`DELTA_DTYPES` (default ``"auto"``: lossless).

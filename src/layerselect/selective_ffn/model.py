@@ -1,4 +1,4 @@
-"""`get_slam_model` and `SelectiveFFNModel`: train only the FFN matrices of chosen layers.
+"""`get_slam_model` and `SelectiveFFNModel`: train only the FFN matrices (or attention projections) of chosen layers.
 
 The wrapper trains the base model's own weights *in place*: it only flips
 ``requires_grad`` (everything frozen except the targeted FFN matrices), so the
@@ -110,15 +110,15 @@ class _Target:
     name: str
     param: nn.Parameter
     layer: int
-    frozen_rows: slice | None = None  # fused gate_up with only one half targeted
+    frozen_rows: tuple[slice, ...] | None = None  # fused gate_up / qkv with only some parts targeted
 
     @property
     def trainable_numel(self) -> int:
-        n = self.param.numel()
+        n = _numel(self.param)
         if self.frozen_rows is not None:
-            rows = self.param.shape[0]
-            start, stop, _ = self.frozen_rows.indices(rows)
-            n -= (stop - start) * (n // rows if rows else 0)
+            rows = tuple(getattr(self.param, "ds_shape", None) or self.param.shape)[0]  # ZeRO-3: full shape
+            per_row = n // rows if rows else 0
+            n -= sum(len(range(*part.indices(rows))) for part in self.frozen_rows) * per_row
         return n
 
 
@@ -138,12 +138,10 @@ def _resolve_targets(model: nn.Module, config: SelectiveFFNConfig) -> tuple[list
             if name not in params:
                 raise InvalidInputError(f"parameter {name} not found in {type(adapter.model).__name__}")
             frozen = None
-            if adapter.spec.fused and name.endswith(f".{adapter.spec.gate_up}.weight"):
-                has_gate, has_up = "gate" in roles, "up" in roles
-                if has_gate != has_up:
-                    half = params[name].shape[0] // 2
-                    # gate rows first, up rows second (arch.FFNSpec docs)
-                    frozen = slice(half, None) if has_gate else slice(0, half)
+            parts = adapter.fused_rows(i, name.removesuffix(".weight"))
+            if parts is not None:  # fused gate_up or qkv: freeze the rows of untargeted roles
+                untargeted = tuple(rows for role, rows in parts.items() if role not in roles)
+                frozen = untargeted or None
             targets.append(_Target(name, params[name], i, frozen))
     return targets, adapter
 
@@ -234,9 +232,10 @@ class SelectiveFFNModel(nn.Module):
             if t.frozen_rows is not None:
                 rows = t.frozen_rows
 
-                def _mask(grad: torch.Tensor, rows: slice = rows) -> torch.Tensor:
+                def _mask(grad: torch.Tensor, rows: tuple[slice, ...] = rows) -> torch.Tensor:
                     grad = grad.clone()
-                    grad[rows] = 0
+                    for part in rows:
+                        grad[part] = 0
                     return grad
 
                 self._hooks.append(t.param.register_hook(_mask))

@@ -1,0 +1,490 @@
+"""The paper's experiments in one resumable command: SLAM, its ablations and baselines, measured alike.
+
+Every run starts from the same fresh base, trains on the same X->English pairs
+(same order, steps, batch, learning rate; AdamW, no weight decay, constant lr,
+gradient norm clipped at 1) and is measured the same way:
+
+- held-out translation loss (pairs held out of training; the lr is chosen on these,
+  never on MGSM: ``--lr-grid``), and English-only LM loss on the English side of
+  those pairs (forgetting);
+- the reasoning gap (:func:`layerselect.eval.reasoning_gap`) per language, its
+  average and bootstrap intervals;
+- the average overlap with English per layer (paper Fig. 6);
+- trainable parameters, seconds per optimizer step, peak memory (each run in its
+  own process by default, so the peak RSS is that run's).
+
+Runs: ``base`` (no training, the reference row, always first; it also computes the
+activation statistics and the msd selection), ``slam`` (msd layers, up+down),
+``slam_gate`` (msd layers, gate+up+down), ``attn`` and ``attn_ffn`` (msd layers,
+attention / attention + gate+up+down; Fig. 5), ``first_n``, ``random`` (3 seeds),
+``last_n`` (as many layers as msd picks, up+down), ``all_ffn`` (up+down of every
+layer), ``lora`` (peft LoRA r=8, alpha 16, all linear layers) and ``full``.
+
+One JSON per run in ``--out/runs``; finished runs are skipped on restart (a run
+interrupted mid-way starts again). ``--table`` writes the markdown report from the JSONs.
+
+    PYTHONPATH=src python3 benchmarks/paper_experiments.py --model gemma-3-270m --steps 300 \\
+        --batch-size 4 --grad-accum 4 --out docs/results/gemma-3-270m
+    PYTHONPATH=src python3 benchmarks/paper_experiments.py --out docs/results/gemma-3-270m \\
+        --table docs/results.md
+    PYTHONPATH=src python3 benchmarks/paper_experiments.py --quick --model DIR --out /tmp/x   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ALL_RUNS = ("slam", "slam_gate", "attn", "attn_ffn", "first_n", "random", "last_n", "all_ffn", "lora", "full")
+GAP_LANGS = ("en", "de", "fr", "es", "ru", "zh", "ja", "sw", "th", "bn")
+TRAIN_LANGS = ("de", "es", "fr", "ja", "ru", "sw", "zh")
+# Settings that must match for a saved run to be reused.
+_SETTING_KEYS = (
+    "model", "dtype", "train_data", "train_langs", "heldout_per_lang", "steps", "batch_size", "grad_accum",
+    "lr", "max_length", "seed", "gap_langs", "gap_questions", "stats_questions", "bootstrap",
+)
+
+
+# ----------------------------------------------------------------------------------------- options
+def build_parser() -> argparse.ArgumentParser:
+    from layerselect.texts import default_data_dir
+
+    data = default_data_dir()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--train-data", default=str(data / "gsm8kinstruct_question") if data else None)
+    p.add_argument("--train-langs", default=",".join(TRAIN_LANGS))
+    p.add_argument("--heldout-per-lang", type=int, default=30)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr-grid", default=None,
+                   help="comma-separated lrs: train slam with each and keep the best held-out translation loss")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs", default=",".join(ALL_RUNS), help=f"comma-separated among {','.join(ALL_RUNS)}")
+    p.add_argument("--random-seeds", default="0,1,2")
+    p.add_argument("--mgsm", default=str(data / "mgsm") if data else None)
+    p.add_argument("--solutions", default=str(data / "mgsm_solutions" / "mgsm_en_solutions.jsonl") if data else None)
+    p.add_argument("--gap-langs", default=",".join(GAP_LANGS))
+    p.add_argument("--gap-questions", type=int, default=250)
+    p.add_argument("--stats-questions", type=int, default=100, help="MGSM questions per language for the statistics")
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--quick", action="store_true", help="a tiny budget for a smoke test (2 steps, 4 questions)")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                   help="each run in its own process (default; gives per-run peak memory)")
+    p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # worker mode: one run
+    p.add_argument("--table", default=None, metavar="MD", help="write the markdown report from --out's JSONs")
+    p.add_argument("--notes", default=None, help="--table: a markdown file appended as 'What it shows'")
+    p.add_argument("--overwrite", action="store_true", help="discard finished runs made with other settings")
+    return p
+
+
+def apply_quick(args: argparse.Namespace) -> None:
+    """--quick: the smallest budget that still runs every code path."""
+    args.steps, args.batch_size, args.grad_accum = 2, 2, 1
+    args.heldout_per_lang, args.gap_questions, args.stats_questions = 2, 4, 4
+    args.bootstrap, args.max_length = 20, 128
+
+
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in _SETTING_KEYS}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _csv(value: str) -> list[str]:
+    return [x.strip() for x in value.split(",") if x.strip()]
+
+
+def expand_runs(runs: Sequence[str], seeds: Sequence[int]) -> list[str]:
+    """Run names in order, ``random`` expanded to ``random_s{seed}``; ``base`` first."""
+    out = ["base"]
+    for r in runs:
+        if r not in ALL_RUNS and r != "base":
+            raise SystemExit(f"unknown run {r!r}; use some of {', '.join(ALL_RUNS)}")
+        names = [f"random_s{s}" for s in seeds] if r == "random" else [r]
+        out += [n for n in names if n not in out]
+    return out
+
+
+# ----------------------------------------------------------------------------------------- data
+def load_data(args: argparse.Namespace, tokenizer: Any) -> dict[str, Any]:
+    """Training features (exactly steps x batch x accum, in a fixed order), held-out pairs, MGSM texts."""
+    from layerselect.data import TranslationDataset, load_translation_data, split_holdout
+    from layerselect.eval import MGSM, load_solutions
+
+    pairs = load_translation_data(f"pairs:{args.train_data}", langs=_csv(args.train_langs))
+    train, heldout = split_holdout(pairs, per_lang=args.heldout_per_lang, seed=args.seed)
+    rng = random.Random(args.seed)
+    order = list(range(len(train)))
+    rng.shuffle(order)
+    need = args.steps * args.batch_size * args.grad_accum
+    chosen = [train[i] for i in order[: need * 2]]  # a margin for pairs truncated away
+    ds = TranslationDataset(chosen, tokenizer, max_length=args.max_length)
+    if len(ds) < need:
+        raise SystemExit(f"only {len(ds)} training pairs for {need} needed")
+    features = [ds[i] for i in range(need)]
+    held = TranslationDataset(heldout, tokenizer, max_length=args.max_length)
+    english = [{"input_ids": ids, "labels": list(ids), "attention_mask": [1] * len(ids)}
+               for ids in (tokenizer(ex.target, add_special_tokens=True)["input_ids"][: args.max_length]
+                           for ex in heldout)]
+    task = MGSM()
+    langs = _csv(args.gap_langs)
+    questions = {g: [e.question for e in task.load(args.mgsm, g, args.gap_questions)] for g in langs}
+    solutions = load_solutions(args.solutions, limit=args.gap_questions)
+    stats_texts = {g: [e.question for e in task.load(args.mgsm, g, args.stats_questions)] for g in langs}
+    return {"train": features, "heldout": [held[i] for i in range(len(held))], "english": english,
+            "questions": questions, "solutions": solutions, "stats_texts": stats_texts,
+            "train_pairs": len(train), "heldout_pairs": len(heldout)}
+
+
+# ----------------------------------------------------------------------------------------- measures
+def token_loss(model: Any, features: Sequence[dict[str, list[int]]], pad_id: int, batch_size: int = 8) -> float:
+    """Token-weighted mean NLL of the labelled tokens (labels != -100), float64."""
+    from layerselect.data import TranslationCollator
+    from layerselect.eval import target_nll
+
+    collate = TranslationCollator(pad_token_id=pad_id)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(features), batch_size):
+        b = collate(features[i : i + batch_size])
+        target = b["labels"] != -100
+        total += float(target_nll(model, b["input_ids"].to(device), b["attention_mask"].to(device),
+                                  target.to(device)).sum())
+        count += int(target[:, 1:].sum())
+    return total / max(count, 1)
+
+
+def measure(model: Any, tokenizer: Any, data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    from layerselect import ActivationStats
+    from layerselect.eval import reasoning_gap
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model.eval()
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {
+        "heldout_translation_loss": token_loss(model, data["heldout"], pad, args.eval_batch_size),
+        "english_loss": token_loss(model, data["english"], pad, args.eval_batch_size),
+    }
+    gap = reasoning_gap(model, tokenizer, data["questions"], data["solutions"], batch_size=args.eval_batch_size,
+                        bootstrap=args.bootstrap, seed=args.seed)
+    out["gap"] = gap
+    stats = ActivationStats.collect(model, tokenizer, data["stats_texts"], batch_size=args.eval_batch_size,
+                                    progress=False)
+    ov = stats.overlap(reference="en")
+    out["overlap_avg"] = [float(x) for x in ov.average]
+    out["overlap_per_lang"] = {g: [float(x) for x in ov.per_group[:, i]] for i, g in enumerate(stats.groups)}
+    out["measure_seconds"] = time.perf_counter() - t0
+    return out, stats
+
+
+# ----------------------------------------------------------------------------------------- runs
+def run_spec(name: str, model: Any, msd_layers: list[int]) -> dict[str, Any]:
+    """What a run trains: ``{"kind": "selective"|"lora"|"full"|"none", "layers", "targets"}``."""
+    from layerselect.arch import get_adapter
+    from layerselect.criteria import select
+
+    n_layers = get_adapter(model).num_layers
+    k = len(msd_layers)
+    if name == "base":
+        return {"kind": "none", "layers": [], "targets": []}
+    if name in ("lora", "full"):
+        return {"kind": name, "layers": list(range(n_layers)), "targets": ["all-linear"] if name == "lora" else ["all"]}
+    if name.startswith("random_s"):  # the library's random criterion, as many layers as msd picks
+        layers = select(model=model, criterion="random", k=k, seed=int(name.removeprefix("random_s"))).layers
+        return {"kind": "selective", "layers": list(layers), "targets": ["up", "down"]}
+    layers, targets = {
+        "slam": (msd_layers, ["up", "down"]),
+        "slam_gate": (msd_layers, ["gate", "up", "down"]),
+        "attn": (msd_layers, ["attn"]),
+        "attn_ffn": (msd_layers, ["attn", "ffn"]),
+        "first_n": (list(range(k)), ["up", "down"]),
+        "last_n": (list(range(n_layers - k, n_layers)), ["up", "down"]),
+        "all_ffn": (list(range(n_layers)), ["up", "down"]),
+    }[name]
+    return {"kind": "selective", "layers": list(layers), "targets": targets}
+
+
+def prepare(model: Any, spec: dict[str, Any]) -> tuple[Any, int, int]:
+    """Make the right parameters trainable; returns ``(model to train, trainable, base total)``."""
+    from layerselect.selective_ffn import SelectiveFFNConfig, get_slam_model
+
+    total = sum(p.numel() for p in model.parameters())
+    if spec["kind"] == "selective":
+        slam = get_slam_model(model, SelectiveFFNConfig(layers=spec["layers"], target_modules=spec["targets"]),
+                              reference=None)
+        return slam, slam.get_nb_trainable_parameters()[0], total
+    if spec["kind"] == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                      target_modules="all-linear", task_type="CAUSAL_LM"))
+        return peft_model, sum(p.numel() for p in peft_model.parameters() if p.requires_grad), total
+    if spec["kind"] == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, total, total
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, 0, total
+
+
+def train(model: Any, features: Sequence[dict[str, list[int]]], pad_id: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The one training loop every run uses; returns losses and timings per optimizer step."""
+    from layerselect.data import TranslationCollator
+
+    collate = TranslationCollator(pad_token_id=pad_id)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    device = next(model.parameters()).device
+    model.train()
+    losses, walls, cpus = [], [], []
+    micro = args.batch_size
+    for step in range(args.steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        total = 0.0
+        for a in range(args.grad_accum):
+            start = (step * args.grad_accum + a) * micro
+            batch = {k: v.to(device) for k, v in collate(features[start : start + micro]).items()}
+            loss = model(**batch).loss / args.grad_accum
+            loss.backward()
+            total += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(total)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    model.eval()
+    timed = walls[1:] or walls
+    timed_cpu = cpus[1:] or cpus
+    return {"train_loss": losses, "s_per_step": sum(timed) / len(timed),
+            "cpu_s_per_step": sum(timed_cpu) / len(timed_cpu), "step_seconds": walls}
+
+
+def base_selection(stats: Any) -> dict[str, Any]:
+    """The paper's msd rule on the base model's statistics."""
+    from layerselect.criteria import select
+
+    sel = select(stats, "msd", reference="en")
+    return {"layers": list(sel.layers), "reason": sel.explain()}
+
+
+def do_run(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Load a fresh base, train run ``name``, measure it; returns the JSON record."""
+    from layerselect.models import load_model
+
+    out = Path(args.out)
+    device = "cuda" if torch.cuda.is_available() else None
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    torch.manual_seed(args.seed)
+    data = load_data(args, tokenizer)
+    sel_path = out / "selection.json"
+    if name != "base":
+        if not sel_path.is_file():
+            raise SystemExit("run 'base' first: it computes the msd selection")
+        msd_layers = json.loads(sel_path.read_text())["layers"]
+    else:
+        msd_layers = []
+    spec = run_spec(name, model, msd_layers)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainable_model, trainable, total = prepare(model, spec)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    timing = train(trainable_model, data["train"], pad, args) if spec["kind"] != "none" else {}
+    measures, stats = measure(trainable_model, tokenizer, data, args)
+    if name == "base":
+        stats.save(out / "base_stats")
+        _write_json(sel_path, base_selection(stats))
+    record = {
+        "run": name, **spec, "trainable_params": trainable, "total_params": total,
+        "trainable_pct": 100.0 * trainable / total, **timing, **measures,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
+        "train_pairs_available": data["train_pairs"], "heldout_pairs": data["heldout_pairs"],
+        "settings": settings_of(args), "torch_threads": torch.get_num_threads(),
+    }
+    return record
+
+
+def run_all(args: argparse.Namespace) -> list[str]:
+    """Every run not yet finished with these settings; returns the names run."""
+    out = Path(args.out)
+    runs_dir = out / "runs"
+    settings = settings_of(args)
+    sfile = out / "settings.json"
+    if sfile.is_file() and not args.overwrite:
+        old = json.loads(sfile.read_text())
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if diff:
+            raise SystemExit(f"{out} holds runs made with other settings {diff}; use another --out or --overwrite")
+    _write_json(sfile, {**settings, "command": " ".join(sys.argv)})
+    done = []
+    for name in expand_runs(_csv(args.runs), [int(s) for s in _csv(args.random_seeds)]):
+        path = runs_dir / f"{name}.json"
+        if path.is_file() and json.loads(path.read_text()).get("settings") == settings:
+            print(f"[experiments] {name}: done, skipped", file=sys.stderr)
+            continue
+        print(f"[experiments] {name}: running", file=sys.stderr)
+        if args.isolate:
+            cmd = [sys.executable, os.path.abspath(__file__), *_argv_without_isolate(), "--no-isolate", "--only", name]
+            subprocess.run(cmd, check=True)
+        else:
+            _write_json(path, do_run(name, args))
+        done.append(name)
+    return done
+
+
+def _argv_without_isolate() -> list[str]:
+    return [a for a in sys.argv[1:] if a not in ("--isolate", "--no-isolate")]
+
+
+def choose_lr(args: argparse.Namespace) -> float:
+    """Train ``slam`` with each lr of ``--lr-grid``; keep the lowest held-out translation loss (never MGSM)."""
+    grid = [float(x) for x in _csv(args.lr_grid)]
+    results = {}
+    for lr in grid:
+        sub = argparse.Namespace(**vars(args))
+        sub.lr, sub.out, sub.runs, sub.lr_grid = lr, str(Path(args.out) / f"lr_search/lr{lr:g}"), "slam", None
+        run_all(sub)
+        rec = json.loads((Path(sub.out) / "runs" / "slam.json").read_text())
+        results[lr] = rec["heldout_translation_loss"]
+        print(f"[experiments] lr {lr:g}: held-out translation loss {results[lr]:.4f}", file=sys.stderr)
+    best = min(results, key=results.get)
+    _write_json(Path(args.out) / "lr_search.json", {"heldout_translation_loss": {f"{k:g}": v for k, v in results.items()},
+                                                   "chosen": best})
+    return best
+
+
+# ----------------------------------------------------------------------------------------- report
+def load_runs(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    runs = [json.loads(p.read_text()) for p in sorted(Path(out, "runs").glob("*.json"))]
+    order = {n: i for i, n in enumerate(("base", *ALL_RUNS))}
+    return sorted(runs, key=lambda r: (order.get(r["run"].split("_s")[0] if r["run"].startswith("random") else r["run"], 99),
+                                       r["run"]))
+
+
+def _iv(x: Any) -> str:
+    return f"[{x[0]:+.3f}, {x[1]:+.3f}]" if x else "-"
+
+
+def write_table(out: str | os.PathLike[str], md_path: str | os.PathLike[str], notes: str | None = None) -> str:
+    """The markdown report of every finished run in ``out`` (plus an overlap figure next to ``md_path``)."""
+    runs = load_runs(out)
+    if not runs:
+        raise SystemExit(f"no finished runs in {out}/runs")
+    settings = json.loads(Path(out, "settings.json").read_text()) if Path(out, "settings.json").is_file() else {}
+    base = next((r for r in runs if r["run"] == "base"), None)
+    lines = ["# Results: SLAM and its ablations on a real model", "",
+             "Generated by `benchmarks/paper_experiments.py --table` from the JSONs in "
+             f"`{out}` (one per run). Command:", "", "```", settings.get("command", "?"), "```", ""]
+    s = settings
+    if s:
+        lines += [f"Model `{s['model']}` ({s['dtype']}); {s['steps']} optimizer steps x effective batch "
+                  f"{s['batch_size'] * s['grad_accum']} ({s['batch_size']} x {s['grad_accum']} accumulation), "
+                  f"lr {s['lr']:g} (AdamW, constant, no weight decay), max length {s['max_length']}; "
+                  f"training languages {s['train_langs']}; held out {s['heldout_per_lang']} pairs per language; "
+                  f"reasoning gap on the first {s['gap_questions']} MGSM questions in {s['gap_langs']} "
+                  f"({s['bootstrap']} bootstrap resamples); overlap statistics on {s['stats_questions']} "
+                  "questions per language.", ""]
+    lines += ["| run | layers | targets | trainable | s/step | peak RSS MB | held-out transl. loss | "
+              "English loss | NLL en | avg gap [95% CI] | Δ avg gap vs base |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        g = r["gap"]
+        d = g["avg_gap"] - base["gap"]["avg_gap"] if base else float("nan")
+        layers = "all" if r["kind"] in ("lora", "full") or len(r["layers"]) > 8 else str(r["layers"])
+        step = f"{r['s_per_step']:.2f}" if "s_per_step" in r else "-"
+        lines.append(
+            f"| {r['run']} | {layers if r['kind'] != 'none' else '-'} | {'+'.join(r['targets']) or '-'} | "
+            f"{r['trainable_params']:,} ({r['trainable_pct']:.2f}%) | {step} | {r['peak_rss_mb']:.0f} | "
+            f"{r['heldout_translation_loss']:.4f} | {r['english_loss']:.4f} | {g['nll'][g['reference']]:.4f} | "
+            f"{g['avg_gap']:+.4f} {_iv(g.get('avg_gap_interval'))} | {'-' if r['run'] == 'base' else f'{d:+.4f}'} |")
+    langs = [x for x in runs[0]["gap"]["langs"] if x != runs[0]["gap"]["reference"]]
+    lines += ["", "Reasoning gap per language (NLL_g - NLL_en, nats per solution token; 95% bootstrap interval "
+              "in the JSON):", "", "| run | " + " | ".join(langs) + " |", "|---|" + "---|" * len(langs)]
+    for r in runs:
+        lines.append(f"| {r['run']} | " + " | ".join(f"{r['gap']['gap'][x]:+.3f}" for x in langs) + " |")
+    n_layers = len(runs[0]["overlap_avg"])
+    lines += ["", "Average overlap with English per layer (tau = 0.5; paper Fig. 6):", "",
+              "| run | " + " | ".join(str(i) for i in range(n_layers)) + " |", "|---|" + "---|" * n_layers]
+    for r in runs:
+        lines.append(f"| {r['run']} | " + " | ".join(f"{x:.3f}" for x in r["overlap_avg"]) + " |")
+    fig = _overlap_figure(runs, Path(md_path).with_suffix("").as_posix() + "_overlap.png")
+    if fig:
+        lines += ["", f"![overlap per layer]({Path(fig).relative_to(Path(md_path).parent).as_posix()})"]
+    if notes:
+        lines += ["", Path(notes).read_text(encoding="utf-8").rstrip()]
+    text = "\n".join(lines) + "\n"
+    Path(md_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(md_path).write_text(text, encoding="utf-8")
+    return text
+
+
+def _overlap_figure(runs: list[dict[str, Any]], path: str) -> str | None:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    from layerselect.plots import LANG_COLORS
+
+    fig = Figure(figsize=(7.5, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for k, r in enumerate(runs):
+        ax.plot(r["overlap_avg"], marker="o", ms=3, color=LANG_COLORS[k % len(LANG_COLORS)], label=r["run"],
+                lw=2.2 if r["run"] in ("base", "slam") else 1.0)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("average overlap with English")
+    ax.legend(fontsize=7, ncol=2)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.table:
+        print(write_table(args.out, args.table, args.notes))
+        return 0
+    if args.quick:
+        apply_quick(args)
+    if args.only:
+        _write_json(Path(args.out) / "runs" / f"{args.only}.json", do_run(args.only, args))
+        return 0
+    if args.lr_grid:
+        args.lr = choose_lr(args)
+        print(f"[experiments] chosen lr {args.lr:g} (held-out translation loss)", file=sys.stderr)
+    run_all(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

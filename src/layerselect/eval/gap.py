@@ -1,0 +1,337 @@
+"""The reasoning gap: a generation-free measure of how much worse a model reasons in language g than in English.
+
+For question ``i`` and language ``g`` the text is the paper's inference prompt
+(:data:`~layerselect.eval.generate.PROMPT_TEMPLATE`) holding the question in
+``g``, then ``" "`` + the English step-by-step solution ``s_i``, tokenized in
+one piece with the tokenizer's default special tokens (BOS). The *target*
+tokens are those that carry a character of ``" " + s_i`` (the token carrying
+the space before the solution included; found from the tokenizer's character
+offsets); no EOS is added. Then, accumulated in float64::
+
+    NLL_g = sum_i sum_{target t} -log p(t | prefix) / sum_i #targets_i
+    gap_g = NLL_g - NLL_ref
+
+The solution is the same English text in every language, so ``gap_g`` says how
+much less the model "follows" the English reasoning when the question is asked
+in ``g``; it has signal on small models whose accuracy is ~0. A bootstrap over
+questions (the same resample for every language) gives 95% intervals of each
+gap and of the average gap over the non-reference languages.
+
+Example:
+    >>> from layerselect.eval import reasoning_gap, load_solutions
+    >>> sols = load_solutions("../shared/data/mgsm_solutions/mgsm_en_solutions.jsonl")  # doctest: +SKIP
+    >>> res = reasoning_gap(model, tokenizer, {"en": q_en, "de": q_de}, sols)           # doctest: +SKIP
+    >>> res["nll"]["en"], res["gap"]["de"], res["interval"]["de"]                        # doctest: +SKIP
+    (1.58, 0.20, [0.17, 0.23])
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import FormatError, InvalidInputError
+from .generate import PROMPT_TEMPLATE, build_prompt
+
+__all__ = [
+    "reasoning_gap",
+    "load_solutions",
+    "gap_item",
+    "target_nll",
+    "format_gap_table",
+]
+
+#: Positions whose log-softmax is computed at once (bounds the [positions, vocab] buffer).
+_CHUNK = 128
+
+
+def load_solutions(path: str | os.PathLike[str], limit: int | None = None) -> list[str]:
+    """The English solutions, one per MGSM question, from a JSON Lines file.
+
+    Each line is an object with a ``"solution"`` string (and optionally
+    ``"index"``, which must then equal the line's position: line i is question
+    i of every ``mgsm_{lang}.tsv``).
+
+    Example:
+        >>> import json, tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "s.jsonl")
+        >>> _ = open(p, "w").write(json.dumps({"index": 0, "solution": "2+3=5\\n#### 5"}) + "\\n")
+        >>> load_solutions(p)
+        ['2+3=5\\n#### 5']
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(f"no solutions file at {path}")
+    out: list[str] = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise FormatError(f"{path}:{lineno}: not valid JSON ({exc})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("solution"), str) or not rec["solution"].strip():
+                raise FormatError(f"{path}:{lineno}: expected an object with a non-empty 'solution' string")
+            if "index" in rec and rec["index"] != len(out):
+                raise FormatError(
+                    f"{path}:{lineno}: index {rec['index']!r} but this is solution {len(out)}; "
+                    "solutions must be in question order"
+                )
+            out.append(rec["solution"])
+            if limit is not None and len(out) >= limit:
+                break
+    if not out:
+        raise FormatError(f"{path} holds no solutions")
+    return out
+
+
+def gap_item(tokenizer: Any, question: str, solution: str, prompt: str | None = None) -> tuple[list[int], list[bool]]:
+    """Token ids of prompt(question) + " " + solution, and which of them are targets.
+
+    A token is a target when its character span overlaps ``" " + solution``
+    (the token carrying that leading space included). With a slow tokenizer
+    (no offsets) the two parts are tokenized separately and concatenated.
+
+    Example:
+        >>> ids, target = gap_item(tok, "What is 2+3?", "2+3=5")   # doctest: +SKIP
+        >>> tok.decode([i for i, t in zip(ids, target) if t])      # doctest: +SKIP
+        ' 2+3=5'
+    """
+    head = build_prompt(question, prompt or PROMPT_TEMPLATE)
+    text = head + " " + solution
+    boundary = len(head)
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+        ids = list(enc["input_ids"])
+        target = [end > boundary and end > start for start, end in enc["offset_mapping"]]
+    else:
+        a = list(tokenizer(head, add_special_tokens=True)["input_ids"])
+        b = list(tokenizer(" " + solution, add_special_tokens=False)["input_ids"])
+        ids, target = a + b, [False] * len(a) + [True] * len(b)
+    if target and target[0]:
+        target[0] = False  # the first token has no prefix to be predicted from
+    if not any(target):
+        raise InvalidInputError(f"no target tokens for solution {solution[:40]!r}")
+    return ids, target
+
+
+def _lm_parts(model: Any) -> tuple[Any, Any, float | None] | None:
+    """(decoder body, output head, logit softcap) when logits are ``head(body(x))`` (+ softcapping)."""
+    from ..arch import unwrap_model
+
+    m = unwrap_model(model)
+    cfg = getattr(m, "config", None)
+    if any(getattr(cfg, a, None) not in (None, 1, 1.0) for a in ("logit_scale", "logits_scaling", "output_multiplier")):
+        return None
+    body = getattr(m, "model", None)
+    head = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
+    if body is None or head is None:
+        return None
+    return body, head, getattr(cfg, "final_logit_softcapping", None)
+
+
+@torch.no_grad()
+def target_nll(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-row sum of ``-log p(token)`` over the ``target`` positions, in float64.
+
+    ``target[b, t]`` marks token ``t`` of row ``b`` as predicted from positions
+    ``< t``. Only the hidden states at the predicting positions go through the
+    output head, ``_CHUNK`` positions at a time, so no ``[tokens, vocab]``
+    buffer for the whole batch is ever built. (This is the one place the
+    reasoning gap computes a loss; a shared label-only loss can replace it.)
+
+    Example:
+        >>> target_nll(model, ids, mask, target)   # doctest: +SKIP
+        tensor([41.2, 37.9], dtype=torch.float64)
+    """
+    rows, cols = torch.nonzero(target[:, 1:], as_tuple=True)  # predicting position = cols
+    labels = input_ids[:, 1:][rows, cols]
+    out = torch.zeros(input_ids.shape[0], dtype=torch.float64)
+    parts = _lm_parts(model)
+    if parts is not None:
+        body, head, cap = parts
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        picked = hidden[rows, cols]
+    else:
+        logits_all = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        picked = logits_all[rows, cols]
+    for s in range(0, picked.shape[0], _CHUNK):
+        h = picked[s : s + _CHUNK]
+        if parts is not None:
+            logits = head(h)
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+        else:
+            logits = h
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        nll = -logp.gather(1, labels[s : s + _CHUNK, None].to(logp.device))[:, 0]
+        out.index_add_(0, rows[s : s + _CHUNK].cpu(), nll.cpu())
+    return out
+
+
+def _device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def _score(
+    model: Any, items: Sequence[tuple[list[int], list[bool]]], batch_size: int, pad_id: int, verbose: str = ""
+) -> tuple[np.ndarray, np.ndarray]:
+    """(NLL sums, target counts) per item, batching items of similar length (right padding)."""
+    n = len(items)
+    sums = np.zeros(n, dtype=np.float64)
+    counts = np.array([sum(t) for _, t in items], dtype=np.int64)
+    order = sorted(range(n), key=lambda i: -len(items[i][0]))
+    dev = _device(model)
+    for b in range(0, n, batch_size):
+        idx = order[b : b + batch_size]
+        width = max(len(items[i][0]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        tgt = torch.zeros((len(idx), width), dtype=torch.bool)
+        for r, i in enumerate(idx):
+            L = len(items[i][0])
+            ids[r, :L] = torch.tensor(items[i][0])
+            mask[r, :L] = 1
+            tgt[r, :L] = torch.tensor(items[i][1])
+        res = target_nll(model, ids.to(dev), mask.to(dev), tgt.to(dev))
+        sums[idx] = res.numpy()
+        if verbose:
+            print(f"[gap] {verbose}: {min(b + batch_size, n)}/{n}", file=sys.stderr)
+    return sums, counts
+
+
+def _interval(x: np.ndarray) -> list[float]:
+    lo, hi = np.percentile(x, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def reasoning_gap(
+    model: Any,
+    tokenizer: Any,
+    questions: Mapping[str, Sequence[str]],
+    solutions: Sequence[str],
+    *,
+    reference: str = "en",
+    batch_size: int = 8,
+    prompt: str | None = None,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """NLL of the English solutions given the question in each language, and the gap to ``reference``.
+
+    Args:
+        model: a causal LM (a :class:`~layerselect.selective_ffn.SelectiveFFNModel` works too).
+        tokenizer: its tokenizer (a fast one gives exact target offsets).
+        questions: ``{lang: [question, ...]}``, line-aligned across languages.
+        solutions: the English solution of each question (same order).
+        reference: the language gaps are measured against; must be in ``questions``.
+        batch_size: texts per forward pass (results do not depend on it).
+        prompt: inference template with ``{query}`` (default: the paper's Table 8 prompt).
+        bootstrap: resamples of the questions for the 95% intervals (0: no intervals).
+        seed: the bootstrap's random seed.
+        verbose: progress on stderr.
+
+    Returns:
+        ``{"langs", "reference", "n_questions", "nll": {lang}, "tokens": {lang},
+        "gap": {lang}, "interval": {lang: [lo, hi]} (of the gap; [0, 0] for the
+        reference), "nll_interval": {lang: [lo, hi]}, "avg_gap",
+        "avg_gap_interval", "per_question": {lang: {"nll_sum": [...], "tokens": [...]}},
+        "prompt", "bootstrap", "seed"}``.
+    """
+    if reference not in questions:
+        raise InvalidInputError(f"reference language {reference!r} is not among {sorted(questions)}")
+    langs = list(questions)
+    n = len(solutions)
+    for lang in langs:
+        if len(questions[lang]) != n:
+            raise InvalidInputError(
+                f"{len(questions[lang])} questions in {lang!r} but {n} solutions; they must be line-aligned"
+            )
+    if n == 0:
+        raise InvalidInputError("no questions to score")
+    if batch_size < 1:
+        raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, np.ndarray] = {}
+    try:
+        for lang in langs:
+            items = [gap_item(tokenizer, q, s, prompt) for q, s in zip(questions[lang], solutions)]
+            sums[lang], counts[lang] = _score(model, items, batch_size, int(pad_id), lang if verbose else "")
+    finally:
+        if was_training:
+            model.train()
+    nll = {g: float(sums[g].sum() / counts[g].sum()) for g in langs}
+    gap = {g: nll[g] - nll[reference] for g in langs}
+    others = [g for g in langs if g != reference]
+    result: dict[str, Any] = {
+        "langs": langs,
+        "reference": reference,
+        "n_questions": n,
+        "nll": nll,
+        "tokens": {g: int(counts[g].sum()) for g in langs},
+        "gap": gap,
+        "avg_gap": float(np.mean([gap[g] for g in others])) if others else 0.0,
+        "interval": {},
+        "nll_interval": {},
+        "avg_gap_interval": None,
+        "prompt": prompt or PROMPT_TEMPLATE,
+        "bootstrap": bootstrap,
+        "seed": seed,
+        "per_question": {g: {"nll_sum": sums[g].tolist(), "tokens": counts[g].tolist()} for g in langs},
+    }
+    if bootstrap > 0:
+        rng = np.random.default_rng(seed)
+        idx = rng.integers(0, n, size=(bootstrap, n))  # one resample for every language
+        boot = {g: sums[g][idx].sum(1) / counts[g][idx].sum(1) for g in langs}
+        for g in langs:
+            result["nll_interval"][g] = _interval(boot[g])
+            result["interval"][g] = _interval(boot[g] - boot[reference])
+        if others:
+            result["avg_gap_interval"] = _interval(np.mean([boot[g] - boot[reference] for g in others], axis=0))
+    return result
+
+
+def format_gap_table(result: Mapping[str, Any], title: str = "") -> str:
+    """Markdown table: language, NLL, gap and its 95% interval, target tokens.
+
+    Example:
+        >>> r = {"langs": ["en", "de"], "reference": "en", "nll": {"en": 1.5, "de": 1.7},
+        ...      "gap": {"en": 0.0, "de": 0.2}, "interval": {"de": [0.1, 0.3]},
+        ...      "tokens": {"en": 10, "de": 10}, "avg_gap": 0.2, "avg_gap_interval": [0.1, 0.3]}
+        >>> print(format_gap_table(r).splitlines()[3])
+        | de | 1.7000 | +0.2000 | [+0.1000, +0.3000] | 10 |
+    """
+    def iv(x: Any) -> str:
+        return f"[{x[0]:+.4f}, {x[1]:+.4f}]" if x else "-"
+
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| lang | NLL | gap | 95% interval | target tokens |", "|---|---|---|---|---|"]
+    ref = result["reference"]
+    for g in result["langs"]:
+        gap = "0 (reference)" if g == ref else f"{result['gap'][g]:+.4f}"
+        ival = "-" if g == ref else iv(result.get("interval", {}).get(g))
+        lines.append(f"| {g} | {result['nll'][g]:.4f} | {gap} | {ival} | {result['tokens'][g]} |")
+    if len(result["langs"]) > 1:
+        lines.append(f"| avg (non-{ref}) | | {result['avg_gap']:+.4f} | {iv(result.get('avg_gap_interval'))} | |")
+    if not all(math.isfinite(v) for v in result["nll"].values()):
+        lines.append("\n(non-finite NLL: check the model's dtype)")
+    return "\n".join(lines)

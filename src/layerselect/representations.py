@@ -1,0 +1,126 @@
+"""Last-token hidden states of parallel texts, projected to 2-D (the paper's Fig. 10).
+
+- :func:`last_token_states`: for each text (encoded alone, default special
+  tokens, right padding) the hidden state of its last real token after the
+  chosen decoder layers (layer ``l`` = the output of decoder layer ``l``,
+  ``hidden_states[l + 1]`` in transformers; for the last layer that entry has
+  the model's final norm applied);
+- :func:`project_2d`: PCA (default, numpy, deterministic signs) or t-SNE (needs
+  scikit-learn, an optional extra);
+- :func:`~layerselect.plots.plot_representations` draws base vs trained side by side.
+
+Example:
+    >>> from layerselect.representations import last_token_states, project_2d
+    >>> states, langs = last_token_states(model, tok, {"en": en, "de": de}, layers=[0, 5])  # doctest: +SKIP
+    >>> xy = project_2d(states[5])                                                       # doctest: +SKIP
+    >>> xy.shape                                                                          # doctest: +SKIP
+    (40, 2)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import InvalidInputError
+
+__all__ = ["last_token_states", "project_2d", "METHODS"]
+
+#: Projection methods; ``"tsne"`` needs scikit-learn.
+METHODS = ("pca", "tsne")
+
+
+@torch.no_grad()
+def last_token_states(
+    model: Any,
+    tokenizer: Any,
+    texts: Mapping[str, Sequence[str]],
+    layers: Sequence[int],
+    *,
+    batch_size: int = 8,
+) -> tuple[dict[int, np.ndarray], list[str]]:
+    """Hidden state of each text's last real token after each of ``layers``.
+
+    Returns ``({layer: float64 array [n_texts, hidden]}, langs)`` with the rows
+    in the order of ``texts`` (language by language) and ``langs[i]`` the
+    language of row ``i``. Batching does not change the values beyond rounding
+    (right padding, so real tokens never attend to pads).
+
+    Example:
+        >>> states, langs = last_token_states(model, tok, {"en": ["Hi."]}, [0])   # doctest: +SKIP
+        >>> states[0].shape, langs                                                # doctest: +SKIP
+        ((1, 640), ['en'])
+    """
+    from .arch import get_adapter, unwrap_model
+
+    base = unwrap_model(model)
+    n_layers = get_adapter(base).num_layers
+    layers = [int(x) for x in layers]
+    bad = [x for x in layers if not 0 <= x < n_layers]
+    if bad or not layers:
+        raise InvalidInputError(f"layers {bad or layers} are out of range: the model has {n_layers} (0..{n_layers - 1})")
+    flat = [(lang, t) for lang, items in texts.items() for t in items]
+    if not flat:
+        raise InvalidInputError("no texts to encode")
+    device = next(base.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows: dict[int, list[np.ndarray]] = {layer: [None] * len(flat) for layer in layers}  # type: ignore[list-item]
+    was_training = base.training
+    base.eval()
+    try:
+        for s in range(0, len(flat), batch_size):
+            enc = [tokenizer(t, add_special_tokens=True)["input_ids"] for _, t in flat[s : s + batch_size]]
+            width = max(len(e) for e in enc)
+            ids = torch.full((len(enc), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(enc), width), dtype=torch.long)
+            for r, e in enumerate(enc):
+                ids[r, : len(e)] = torch.tensor(e)
+                mask[r, : len(e)] = 1
+            hs = base(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True).hidden_states
+            last = torch.tensor([len(e) - 1 for e in enc])
+            for layer in layers:
+                h = hs[layer + 1][torch.arange(len(enc)), last.to(hs[0].device)]
+                for r in range(len(enc)):
+                    rows[layer][s + r] = h[r].double().cpu().numpy()
+    finally:
+        if was_training:
+            base.train()
+    out = {layer: np.stack(rows[layer]) for layer in layers}
+    return out, [lang for lang, _ in flat]
+
+
+def project_2d(x: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
+    """Project rows of ``x`` to 2-D: PCA (centred SVD, each axis signed so its largest loading is positive) or t-SNE.
+
+    Example:
+        >>> import numpy as np
+        >>> xy = project_2d(np.array([[0., 0, 0], [2, 0, 0], [0, 1, 0], [2, 1, 0]]))
+        >>> np.round(np.abs(xy), 6).tolist()
+        [[1.0, 0.5], [1.0, 0.5], [1.0, 0.5], [1.0, 0.5]]
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 3:
+        raise InvalidInputError(f"need at least 3 points to project, got an array of shape {x.shape}")
+    if method == "pca":
+        centred = x - x.mean(axis=0)
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        comps = vt[:2]
+        signs = np.sign(comps[np.arange(comps.shape[0]), np.abs(comps).argmax(axis=1)])
+        comps = comps * signs[:, None]
+        xy = centred @ comps.T
+        if xy.shape[1] < 2:
+            xy = np.pad(xy, ((0, 0), (0, 2 - xy.shape[1])))
+        return xy
+    if method == "tsne":
+        try:
+            from sklearn.manifold import TSNE
+        except ImportError as exc:
+            raise InvalidInputError(
+                "method='tsne' needs scikit-learn (pip install 'layerselect[tsne]'); use method='pca'"
+            ) from exc
+        perplexity = float(min(30.0, max(2.0, (x.shape[0] - 1) / 3)))
+        return TSNE(n_components=2, perplexity=perplexity, random_state=seed, init="pca").fit_transform(x)
+    raise InvalidInputError(f"unknown projection method {method!r}; use one of {list(METHODS)}")

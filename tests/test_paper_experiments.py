@@ -1,0 +1,104 @@
+"""benchmarks/paper_experiments.py --quick on a tiny model: every run, hand-checked counts, resume, table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from layerselect.eval import reasoning_gap
+from tiny import tiny_model, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PAIRS = {
+    "de": [f"Janet hat {i} Enten und verkauft {i + 2} Eier." for i in range(10)],
+    "zh": [f"珍妮有{i}只鸭子,卖{i + 2}个鸡蛋。" for i in range(10)],
+}
+ENGLISH = [f"Janet has {i} ducks and sells {i + 2} eggs." for i in range(10)]
+MGSM = {
+    "en": ["Tom has 3 apples and buys 4 more. How many?", "What is 10 minus 3?", "Half of 8?", "2 + 2?"],
+    "de": ["Tom hat 3 Äpfel und kauft 4. Wie viele?", "Was ist 10 minus 3?", "Die Hälfte von 8?", "2 + 2?"],
+    "zh": ["汤姆有3个苹果,又买了4个。一共几个?", "10减3是多少?", "8的一半?", "2 + 2?"],
+}
+SOLUTIONS = ["3 + 4 = 7\n#### 7", "10 - 3 = 7\n#### 7", "8 / 2 = 4\n#### 4", "2+2=4\n#### 4"]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("paper_experiments", ROOT / "benchmarks" / "paper_experiments.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exp")
+    model = tiny_model("llama", dtype=torch.float32, max_position_embeddings=512)
+    model.save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    for lang, src in PAIRS.items():
+        d = root / "pairs" / f"{lang}-en"
+        d.mkdir(parents=True)
+        (d / f"train.{lang}").write_text("\n".join(src) + "\n", encoding="utf-8")
+        (d / "train.en").write_text("\n".join(ENGLISH) + "\n", encoding="utf-8")
+    (root / "mgsm").mkdir()
+    for lang, qs in MGSM.items():
+        (root / "mgsm" / f"mgsm_{lang}.tsv").write_text("".join(f"{q}\t1\n" for q in qs), encoding="utf-8")
+    (root / "sol.jsonl").write_text("".join(json.dumps({"index": i, "solution": s}) + "\n"
+                                            for i, s in enumerate(SOLUTIONS)), encoding="utf-8")
+    args = ["--quick", "--no-isolate", "--model", str(root / "model"), "--train-data", str(root / "pairs"),
+            "--train-langs", "de,zh", "--mgsm", str(root / "mgsm"), "--solutions", str(root / "sol.jsonl"),
+            "--gap-langs", "en,de,zh", "--out", str(root / "out")]
+    return root, args
+
+
+def test_quick_runs_measure_resume_and_table(setup, capsys):
+    root, args = setup
+    mod = _load_script()
+    assert mod.main([*args, "--runs", "slam,attn,first_n,random,lora,full"]) == 0
+    runs = {p.stem: json.loads(p.read_text()) for p in (root / "out" / "runs").glob("*.json")}
+    assert set(runs) == {"base", "slam", "attn", "first_n", "random_s0", "random_s1", "random_s2", "lora", "full"}
+    msd = json.loads((root / "out" / "selection.json").read_text())["layers"]
+    k = len(msd)
+    assert runs["slam"]["layers"] == msd and runs["first_n"]["layers"] == list(range(k))
+    assert all(len(runs[f"random_s{s}"]["layers"]) == k for s in range(3))
+    # hand-checked parameter counts of the tiny llama (hidden 32, intermediate 48, 2 kv heads of 8)
+    assert runs["slam"]["trainable_params"] == k * 2 * 32 * 48
+    assert runs["attn"]["trainable_params"] == k * (32 * 32 + 16 * 32 + 16 * 32 + 32 * 32)
+    lora_per_layer = 8 * ((32 + 32) + 2 * (32 + 16) + (32 + 32) + 3 * (32 + 48))  # q,k,v,o,gate,up,down
+    assert runs["lora"]["trainable_params"] == 4 * lora_per_layer
+    total = sum(p.numel() for p in tiny_model("llama").parameters())
+    assert runs["full"]["trainable_params"] == runs["full"]["total_params"] == total
+    assert runs["base"]["trainable_params"] == 0 and "s_per_step" not in runs["base"]
+    for name, r in runs.items():
+        assert r["gap"]["langs"] == ["en", "de", "zh"] and len(r["overlap_avg"]) == 4
+        assert r["heldout_translation_loss"] > 0 and r["english_loss"] > 0
+        if name != "base":
+            assert len(r["train_loss"]) == 2 and r["s_per_step"] > 0
+    # the base row's gap is the library's reasoning_gap on the untouched model
+    model = tiny_model("llama", dtype=torch.float32, max_position_embeddings=512)
+    want = reasoning_gap(model, tiny_tokenizer(), MGSM, SOLUTIONS, bootstrap=20)
+    assert runs["base"]["gap"]["nll"]["de"] == pytest.approx(want["nll"]["de"], rel=1e-6)
+    # training changed the model: full fine-tuning moves the held-out loss
+    assert runs["full"]["heldout_translation_loss"] != runs["base"]["heldout_translation_loss"]
+
+    # resume: finished runs are skipped, the files untouched
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (root / "out" / "runs").glob("*.json")}
+    capsys.readouterr()
+    assert mod.main([*args, "--runs", "slam,full"]) == 0
+    assert "slam: done, skipped" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in (root / "out" / "runs").glob("*.json")} == mtimes
+    # other settings are refused rather than mixed into one table
+    with pytest.raises(SystemExit, match="other settings"):
+        mod.main([*args, "--runs", "slam", "--lr", "0.5"])
+
+    md = root / "results.md"
+    mod.main(["--out", str(root / "out"), "--table", str(md)])
+    text = md.read_text()
+    for name in runs:
+        assert f"| {name} |" in text
+    assert "avg gap" in text and (root / "results_overlap.png").is_file()

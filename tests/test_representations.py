@@ -1,0 +1,108 @@
+"""Representation plot (paper Fig. 10): last-token states vs hooks, PCA by hand, 11 colours, CLI."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from layerselect.cli import main
+from layerselect.errors import InvalidInputError
+from layerselect.plots import LANG_COLORS, plot_representations
+from layerselect.representations import last_token_states, project_2d
+from layerselect.selective_ffn import SelectiveFFNConfig, get_slam_model
+from tiny import tiny_model, tiny_texts, tiny_tokenizer
+
+LANGS11 = ["en", "de", "fr", "es", "ru", "zh", "ja", "sw", "th", "bn", "te"]
+
+
+def texts11(n: int = 4) -> dict[str, list[str]]:
+    words = ["eggs", "ducks", "apples", "market", "day", "fox", "dog", "brown", "lazy", "quick", "over"]
+    return {lang: [f"{words[k]} {i * 3 + k} " + words[(k + i) % 11] * (1 + i % 2) for i in range(n)]
+            for k, lang in enumerate(LANGS11)}
+
+
+def test_last_token_states_match_layer_outputs_and_ignore_batching():
+    model, tok, texts = tiny_model("llama"), tiny_tokenizer(), tiny_texts(3)
+    states, langs = last_token_states(model, tok, texts, [0, 2], batch_size=5)
+    assert langs == [lang for lang in texts for _ in range(3)]
+    # independent: a forward hook on the decoder layer, one text at a time, last position
+    seen = {}
+    hooks = [model.model.layers[i].register_forward_hook(
+        lambda m, a, out, i=i: seen.__setitem__(i, (out[0] if isinstance(out, tuple) else out)[0, -1]))
+        for i in (0, 2)]
+    flat = [t for lang in texts for t in texts[lang]]
+    for row, text in enumerate(flat):
+        with torch.no_grad():
+            model(torch.tensor([tok(text)["input_ids"]]))
+        for i in (0, 2):
+            np.testing.assert_allclose(states[i][row], seen[i].numpy(), rtol=1e-10, atol=1e-12)
+    for h in hooks:
+        h.remove()
+    with pytest.raises(InvalidInputError, match="out of range"):
+        last_token_states(model, tok, texts, [4])
+
+
+def test_pca_by_hand():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 5)) * np.array([5.0, 2.0, 0.5, 0.1, 0.1]) + 3.0
+    xy = project_2d(x)
+    # the coordinates' variances are the top two eigenvalues of the covariance matrix
+    eig = np.sort(np.linalg.eigvalsh(np.cov(x.T)))[::-1]
+    assert xy.var(axis=0, ddof=1) == pytest.approx(eig[:2], rel=1e-10)
+    assert abs(np.corrcoef(xy.T)[0, 1]) < 1e-10 and np.allclose(xy.mean(axis=0), 0)
+    assert np.array_equal(project_2d(x), xy)  # deterministic signs
+    with pytest.raises(InvalidInputError, match="unknown projection"):
+        project_2d(x, method="umap")
+
+
+def test_tsne_needs_sklearn(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.manifold", None)
+    with pytest.raises(InvalidInputError, match="scikit-learn"):
+        project_2d(np.eye(5), method="tsne")
+
+
+def test_tsne_when_installed():
+    pytest.importorskip("sklearn")
+    assert project_2d(np.random.default_rng(0).normal(size=(20, 6)), method="tsne").shape == (20, 2)
+
+
+def test_plot_base_vs_trained_with_11_distinct_colours(tmp_path):
+    assert len(set(LANG_COLORS)) >= 11
+    base, tok = tiny_model("llama"), tiny_tokenizer()
+    slam = get_slam_model(tiny_model("llama"), SelectiveFFNConfig(layers=[0]))
+    with torch.no_grad():
+        slam.base_model.model.layers[0].mlp.down_proj.weight.mul_(3.0)
+    fig = plot_representations(base, tok, texts11(), [0, 3], trained=slam, path=tmp_path / "rep.png")
+    assert (tmp_path / "rep.png").read_bytes()[:4] == b"\x89PNG"
+    axes = fig.get_axes()
+    assert len(axes) == 4 and "base" in axes[0].get_title() and "trained" in axes[1].get_title()
+    for ax in axes:
+        colours = {tuple(np.round(c.get_facecolor()[0], 4)) for c in ax.collections}
+        assert len(ax.collections) == 11 and len(colours) == 11
+        assert sum(len(c.get_offsets()) for c in ax.collections) == 44
+    # layer 0 changed: the trained panel's points differ from the base panel's
+    assert not np.allclose(axes[0].collections[0].get_offsets(), axes[1].collections[0].get_offsets())
+
+
+def test_plot_representations_cli(tmp_path, capsys):
+    model = tiny_model("llama", dtype=torch.float32)
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    data = tmp_path / "mgsm"
+    data.mkdir()
+    for lang, qs in texts11(3).items():
+        (data / f"mgsm_{lang}.tsv").write_text("".join(f"{q}\t1\n" for q in qs), encoding="utf-8")
+    slam = get_slam_model(model, SelectiveFFNConfig(layers=[1]))
+    with torch.no_grad():
+        slam.base_model.model.layers[1].mlp.up_proj.weight.mul_(2.0)
+    slam.save_pretrained(tmp_path / "ad")
+    rc = main(["plot", "--representations", "--model", str(tmp_path / "m"), "--adapter", str(tmp_path / "ad"),
+               "--data", f"mgsm:{data}", "--layers", "1,3", "--format", "png", "--out", str(tmp_path / "figs")])
+    assert rc == 0
+    assert (tmp_path / "figs" / "representations_pca.png").stat().st_size > 5000
+    assert main(["plot", "--out", str(tmp_path / "x")]) == 2
+    assert "pass STATS_DIR" in capsys.readouterr().err
