@@ -123,26 +123,37 @@ _O_NAMES = ("o_proj", "out_proj", "wo", "dense")
 _QKV_NAMES = ("qkv_proj", "Wqkv", "query_key_value")
 
 
-def ffn_parameter_suffixes(roles: Sequence[str]) -> set[tuple[str, str]]:
-    """Every ``(ffn module, matrix attribute)`` pair that may hold one of ``roles`` in any family.
+def target_parameter_suffixes(roles: Sequence[str]) -> set[tuple[str, str]]:
+    """Every ``(block module, matrix attribute)`` pair that may hold one of ``roles`` in any family.
 
     Lets a reader check the tensor names inside an adapter file against its
-    config without a model at hand (``merge`` streams a checkpoint).
+    config without a model at hand (``merge`` streams a checkpoint): FFN roles
+    live under an FFN block (``mlp`` ...), attention roles under an attention
+    block (``self_attn`` ...), under any family's or the fallback's names.
     """
     specs = list(FAMILIES.values())
-    mlps = {s.mlp for s in specs} | set(_MLP_NAMES)
-    names: set[str] = set()
+    ffn_blocks = {s.mlp for s in specs} | set(_MLP_NAMES)
+    attn_blocks = {s.attention.attn for s in specs} | set(_ATTN_NAMES)
+    fallback = {"gate": _GATE_NAMES, "up": _UP_NAMES, "down": _DOWN_NAMES,
+                "q": _Q_NAMES, "k": _K_NAMES, "v": _V_NAMES, "o": _O_NAMES}
+    out: set[tuple[str, str]] = set()
     for role in roles:
-        if role not in ROLES:
+        if role not in fallback:
             continue
+        names = set(fallback[role])
         for spec in specs:
-            attr = {"gate": spec.gate or spec.gate_up, "up": spec.up or spec.gate_up, "down": spec.down}[role]
-            if attr:
-                names.add(attr)
-        names.update({"gate": _GATE_NAMES, "up": _UP_NAMES, "down": _DOWN_NAMES}[role])
+            if role in ROLES:
+                names.add({"gate": spec.gate or spec.gate_up, "up": spec.up or spec.gate_up, "down": spec.down}[role])
+            else:
+                a = spec.attention
+                names.add({"q": a.q or a.qkv, "k": a.k or a.qkv, "v": a.v or a.qkv, "o": a.o}[role])
         if role in ("gate", "up"):
             names.add("gate_up_proj")
-    return {(m, a) for m in mlps for a in names}
+        if role in ("q", "k", "v"):
+            names.update(_QKV_NAMES)
+        blocks = ffn_blocks if role in ROLES else attn_blocks
+        out.update((b, n) for b in blocks for n in names if n)
+    return out
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -399,9 +399,9 @@ def check_tensor_names(config: SelectiveFFNConfig, names: Iterable[str], where: 
     A file that is self-consistent but touches e.g. ``model.embed_tokens.weight`` is
     refused here, before any entry point applies it.
     """
-    from ..arch import ffn_parameter_suffixes
+    from ..arch import target_parameter_suffixes
 
-    allowed = ffn_parameter_suffixes(config.target_modules)
+    allowed = target_parameter_suffixes(config.target_modules)
     layers = set(config.layers)
     bad, prefixes, seen = [], set(), set()
     for name in names:
