@@ -210,7 +210,6 @@ def child_loss_pass(model_name: str, mode: str, threads: int) -> dict:
     from layerselect.train import translation_loss
 
     model, tok = load_model(model_name)
-    model.requires_grad_(False)  # as in the demo: a frozen base (a trainable head forces the standard path)
     prompts = load_demo_prompts()
     pairs = [TranslationExample(lang, p[lang], p["en"]) for p in prompts for lang in DEMO_LANGS if lang != "en"]
     rss_before = _rss_mb()

@@ -153,7 +153,10 @@ def test_unknown_family_falls_back_to_the_full_logits_path():
 
 def test_trained_head_falls_back_and_label_only_false_forces_the_standard_path():
     model = tiny_model("llama")
-    assert label_only_reason(model) is not None  # tiny_model leaves every weight trainable
+    assert "trained" in label_only_reason(model)  # tiny_model leaves every weight trainable
+    with torch.no_grad():  # no gradient, so a trainable head does not matter
+        assert label_only_reason(model) is None
+        assert label_only_loss(model, IDS, _labels(), MASK).label_only
     model.requires_grad_(False)
     assert label_only_reason(model) is None
     assert not label_only_loss(model, IDS, _labels(), MASK, label_only=False).label_only
@@ -164,8 +167,9 @@ def _pairs(n: int = 12) -> list[TranslationExample]:
 
 
 def test_translation_loss_label_only_equals_standard():
-    tok, model = tiny_tokenizer(), tiny_model("gemma2", final_logit_softcapping=2.0).requires_grad_(False)
-    fast = translation_loss(model, tok, _pairs(), batch_size=5)
+    # A freshly loaded model (every weight trainable), as in the demo and the CLI: no_grad allows label-only.
+    tok, model = tiny_tokenizer(), tiny_model("gemma2", final_logit_softcapping=2.0)
+    fast = translation_loss(model, tok, _pairs(), batch_size=5, label_only=True)
     slow = translation_loss(model, tok, _pairs(), batch_size=5, label_only=False)
     assert fast == pytest.approx(slow, rel=1e-12)
 

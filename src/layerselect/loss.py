@@ -83,6 +83,10 @@ class LabelNLL:
 def label_only_reason(model: nn.Module) -> str | None:
     """Why ``model`` cannot use the label-only path, or None if it can.
 
+    Reasons: its family has no entry in :data:`layerselect.arch.LM_HEADS`, its output
+    embedding is not a plain ``nn.Linear``, or (only while gradients are enabled) the
+    head itself is trainable.
+
     Example:
         >>> label_only_reason(granite_model)                            # doctest: +SKIP
         "model_type 'granite' has no entry in layerselect.arch.LM_HEADS ..."
@@ -98,7 +102,8 @@ def label_only_reason(model: nn.Module) -> str | None:
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if type(head) is not nn.Linear or not head.weight.is_floating_point():
         return f"the output embedding is {type(head).__name__}, not a plain floating-point nn.Linear"
-    if head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad):
+    trained = head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad)
+    if trained and torch.is_grad_enabled():
         return "the LM head is trained (the fused label-only backward assumes a frozen head)"
     return None
 
