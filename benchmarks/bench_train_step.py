@@ -15,6 +15,18 @@ variants alternate over ``--rounds`` and the best median step time is kept.
 Then: streaming-merge peak memory against checkpoint and shard size, and adapter
 load time.
 
+``--loss-paths`` (alone, or with the rest) compares the two loss paths side by side
+(``layerselect.loss``): a SLAM step (``get_slam_model`` on layers [0], up+down,
+AdamW) on X->English pairs from the demo (batch 4, max length 96) with the standard
+full-logits loss (``model(..., labels=...)``, what HF Trainer computes) vs the
+label-only loss, on Gemma-3-270M and SmolLM2-135M; then the translation-loss pass
+over the demo's 140 packaged pairs (``translation_loss``, batch 4) on Gemma-3-270M,
+both ways. Peak memory there is the process's peak RSS *during the timed steps*
+(``VmHWM`` reset through ``/proc/self/clear_refs`` after loading and warm-up), and
+its growth above the RSS before the steps.
+
+    python benchmarks/bench_train_step.py --loss-paths --skip-train --skip-merge
+
     python benchmarks/bench_train_step.py              # a few minutes on 2 idle cores
     python benchmarks/bench_train_step.py --batch 4 --seq 128 --steps 5   # heavier
 
@@ -126,6 +138,130 @@ def child_merge(base: str, adapter: str, out: str) -> dict:
     return {"merge_s": time.perf_counter() - t0, "peak_mb": _peak_rss_mb(), "baseline_peak_mb": before}
 
 
+def _reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux ``clear_refs`` 5); False if unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _demo_batches(tokenizer, batch: int, seq: int) -> list[dict]:
+    from layerselect.data import TranslationCollator, TranslationDataset, TranslationExample
+    from layerselect.demo import DEMO_LANGS, load_demo_prompts
+
+    prompts = load_demo_prompts()
+    pairs = [TranslationExample(lang, p[lang], p["en"]) for p in prompts for lang in DEMO_LANGS if lang != "en"]
+    ds = TranslationDataset(pairs, tokenizer, max_length=seq)
+    collate = TranslationCollator.for_tokenizer(tokenizer)
+    return [collate([ds[j] for j in range(i, min(i + batch, len(ds)))]) for i in range(0, len(ds), batch)]
+
+
+def child_loss_step(model_name: str, mode: str, steps: int, batch: int, seq: int, threads: int) -> dict:
+    """SLAM step (layers [0] up+down, AdamW) with the standard or the label-only loss."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from layerselect.loss import label_only_loss
+    from layerselect.models import load_model
+    from layerselect.selective_ffn import SelectiveFFNConfig, get_slam_model
+
+    model, tok = load_model(model_name)
+    net = get_slam_model(model, SelectiveFFNConfig(layers=[0]))
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-5)
+    # Shuffled with a fixed seed so batches mix languages and lengths; the same batches for both modes.
+    batches = _demo_batches(tok, batch, seq)
+    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(0)).tolist()
+    net.train()
+    times, cpu, tokens, losses = [], [], 0, []
+    peak_ok = False
+    for i in range(steps + 1):  # one warm-up step
+        b = batches[order[i % len(order)]]
+        if i == 1:
+            rss_before = _rss_mb()
+            peak_ok = _reset_peak_rss()
+        t0, c0 = time.perf_counter(), time.process_time()
+        if mode == "standard":
+            loss = net(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+        else:
+            loss = label_only_loss(net, b["input_ids"], b["labels"], b["attention_mask"], label_only=True).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= 1:
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+            tokens += int(b["attention_mask"].sum())
+            losses.append(float(loss))
+    return {"model": model_name, "mode": mode, "step_s": statistics.median(times), "cpu_s": statistics.median(cpu),
+            "tokens_per_s": tokens / sum(times), "peak_mb": _peak_rss_mb() if peak_ok else float("nan"),
+            "rss_before_mb": rss_before, "losses": losses}
+
+
+def child_loss_pass(model_name: str, mode: str, threads: int) -> dict:
+    """``translation_loss`` over the demo's 140 pairs (batch 4), standard or label-only."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from layerselect.data import TranslationExample
+    from layerselect.demo import DEMO_LANGS, load_demo_prompts
+    from layerselect.models import load_model
+    from layerselect.train import translation_loss
+
+    model, tok = load_model(model_name)
+    prompts = load_demo_prompts()
+    pairs = [TranslationExample(lang, p[lang], p["en"]) for p in prompts for lang in DEMO_LANGS if lang != "en"]
+    rss_before = _rss_mb()
+    peak_ok = _reset_peak_rss()
+    t0, c0 = time.perf_counter(), time.process_time()
+    value = translation_loss(model, tok, pairs, batch_size=4, label_only=(mode == "label"))
+    return {"model": model_name, "mode": mode, "pass_s": time.perf_counter() - t0,
+            "cpu_s": time.process_time() - c0, "loss": value, "pairs": len(pairs),
+            "peak_mb": _peak_rss_mb() if peak_ok else float("nan"), "rss_before_mb": rss_before}
+
+
+def bench_loss_paths(args: argparse.Namespace) -> None:
+    print(f"\n== loss paths: SLAM step, layers [0] up+down, AdamW, float32, demo pairs, batch {args.loss_batch}, "
+          f"max length {args.loss_seq}, {args.threads} threads, median of {args.loss_steps} steps after 1 warm-up; "
+          "modes alternate in each round ==")
+    head = (f"{'model':<14}{'loss path':<12}{'wall s':>8}{'cpu s':>8}{'tok/s':>8}{'peak MB':>9}"
+            f"{'+MB':>7}{'x time':>8}{'x cpu':>7}{'x peak':>8}{'x +MB':>7}")
+    rows = []
+    for name in args.loss_models:
+        res: dict[str, list[dict]] = {"standard": [], "label": []}
+        for r in range(args.rounds):
+            for mode in (("standard", "label") if r % 2 == 0 else ("label", "standard")):
+                res[mode].append(_run_child("loss_step", name, mode, str(args.loss_steps), str(args.loss_batch),
+                                            str(args.loss_seq), str(args.threads)))
+        best = {m: min(v, key=lambda x: x["step_s"]) for m, v in res.items()}
+        cpu = {m: min(x["cpu_s"] for x in v) for m, v in res.items()}
+        peak = {m: min(x["peak_mb"] for x in v) for m, v in res.items()}
+        grow = {m: min(x["peak_mb"] - x["rss_before_mb"] for x in v) for m, v in res.items()}
+        for m in ("standard", "label"):
+            rows.append(f"{name:<14}{m:<12}{best[m]['step_s']:>8.2f}{cpu[m]:>8.2f}{best[m]['tokens_per_s']:>8.1f}"
+                        f"{peak[m]:>9.0f}{grow[m]:>7.0f}{best[m]['step_s'] / best['standard']['step_s']:>8.2f}"
+                        f"{cpu[m] / cpu['standard']:>7.2f}{peak[m] / peak['standard']:>8.2f}"
+                        f"{grow[m] / grow['standard']:>7.2f}")
+        print("losses (standard / label-only):", res["standard"][0]["losses"], res["label"][0]["losses"])
+        print("all wall step times (s):", {m: [round(x["step_s"], 2) for x in v] for m, v in res.items()})
+    print(head)
+    print("\n".join(rows))
+    if args.loss_pass_model:
+        res = {"standard": [], "label": []}
+        for r in range(args.rounds):
+            for mode in (("standard", "label") if r % 2 == 0 else ("label", "standard")):
+                res[mode].append(_run_child("loss_pass", args.loss_pass_model, mode, str(args.threads)))
+        best = {m: min(v, key=lambda x: x["pass_s"]) for m, v in res.items()}
+        print(f"\n== translation_loss over the demo's {best['label']['pairs']} pairs, {args.loss_pass_model}, "
+              f"batch 4, float64 log-softmax ==")
+        print(f"{'loss path':<12}{'wall s':>8}{'cpu s':>8}{'peak MB':>9}{'x time':>8}{'x cpu':>7}  loss")
+        for m in ("standard", "label"):
+            print(f"{m:<12}{best[m]['pass_s']:>8.1f}{best[m]['cpu_s']:>8.1f}{best[m]['peak_mb']:>9.0f}"
+                  f"{best[m]['pass_s'] / best['standard']['pass_s']:>8.2f}"
+                  f"{best[m]['cpu_s'] / best['standard']['cpu_s']:>7.2f}  {best[m]['loss']!r}")
+
+
 # ----------------------------------------------------------------------------------------
 # Parent
 # ----------------------------------------------------------------------------------------
@@ -221,6 +357,10 @@ def main() -> None:
         kind, rest = sys.argv[2], sys.argv[3:]
         if kind == "train":
             out = child_train(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), int(rest[4]))
+        elif kind == "loss_step":
+            out = child_loss_step(rest[0], rest[1], int(rest[2]), int(rest[3]), int(rest[4]), int(rest[5]))
+        elif kind == "loss_pass":
+            out = child_loss_pass(rest[0], rest[1], int(rest[2]))
         else:
             out = child_merge(*rest)
         print(json.dumps(out))
@@ -232,11 +372,21 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--skip-merge", action="store_true")
+    p.add_argument("--loss-paths", action="store_true", help="standard vs label-only loss (see above)")
+    p.add_argument("--loss-models", nargs="+", default=["gemma-3-270m", "smollm2-135m"])
+    p.add_argument("--loss-steps", type=int, default=3)
+    p.add_argument("--loss-batch", type=int, default=4)
+    p.add_argument("--loss-seq", type=int, default=96)
+    p.add_argument("--loss-pass-model", default="gemma-3-270m", help="'' to skip the translation-loss pass")
     args = p.parse_args()
     t0 = time.perf_counter()
+    if args.loss_paths:
+        bench_loss_paths(args)
     if not args.skip_train:
         bench_training(args)
-    bench_merge_and_load(args)
+    if not args.skip_merge:
+        bench_merge_and_load(args)
     print(f"\n(total {time.perf_counter() - t0:.0f} s)")
 
 

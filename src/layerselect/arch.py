@@ -32,7 +32,7 @@ from .errors import InvalidInputError, UnsupportedArchitectureError
 
 __all__ = [
     "AttnSpec", "FFNSpec", "FFN", "ModelAdapter", "FAMILIES", "ROLES", "ATTN_ROLES", "TARGET_ROLES",
-    "get_adapter", "unwrap_model",
+    "LMHeadSpec", "LM_HEADS", "get_adapter", "lm_head_spec", "unwrap_model",
 ]
 
 #: Canonical names of the FFN matrices, whatever a family calls them.
@@ -101,6 +101,46 @@ FAMILIES: dict[str, FFNSpec] = {
     "phi3": FFNSpec(act="activation_fn", gate=None, up=None, gate_up="gate_up_proj",
                     attention=AttnSpec(q=None, k=None, v=None, qkv="qkv_proj")),
 }
+
+@dataclass(frozen=True)
+class LMHeadSpec:
+    """How a family turns its decoder trunk's output into logits (used by :mod:`layerselect.loss`).
+
+    ``logits = softcap(lm_head(trunk(...)[0]))``: ``trunk`` is the attribute of the
+    causal-LM class holding the decoder stack, whose first output is the final,
+    normalised hidden state; ``lm_head`` is the model's ``get_output_embeddings()``
+    (tied or not); ``softcap`` names the config attribute of final-logit tanh
+    soft-capping (``cap * tanh(logits / cap)``, skipped when the value is None), or
+    is None for families that use the head's output as is.
+    """
+
+    trunk: str = "model"
+    softcap: str | None = None
+
+
+_PLAIN_HEAD = LMHeadSpec()
+_SOFTCAP_HEAD = LMHeadSpec(softcap="final_logit_softcapping")
+
+#: model_type -> final-logit processing, checked against each family's ``*ForCausalLM.forward``.
+#: A family missing here (e.g. Granite's ``logits_scaling``, Cohere's ``logit_scale``) makes the
+#: label-only loss fall back to the standard full-logits path.
+LM_HEADS: dict[str, LMHeadSpec] = {
+    "llama": _PLAIN_HEAD,
+    "mistral": _PLAIN_HEAD,
+    "qwen2": _PLAIN_HEAD,
+    "qwen3": _PLAIN_HEAD,
+    "gemma": _PLAIN_HEAD,
+    "gemma2": _SOFTCAP_HEAD,
+    "gemma3_text": _SOFTCAP_HEAD,
+    "phi3": _PLAIN_HEAD,
+}
+
+
+def lm_head_spec(model: nn.Module) -> LMHeadSpec | None:
+    """The :class:`LMHeadSpec` of a loaded model's family (unwrapping wrappers), or None if unknown."""
+    config = getattr(unwrap_model(model), "config", None)
+    return LM_HEADS.get(getattr(config, "model_type", None) or "")
+
 
 # Where decoder layers live, tried in order (CausalLM, multimodal wrappers, bare models).
 _LAYER_PATHS: tuple[str, ...] = (

@@ -299,9 +299,56 @@ class SLAMTrainer(Trainer):
     ``trainer_state.json``; resuming loads the trainable weights back.
     """
 
-    def __init__(self, *args: Any, slam_model: Any = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, slam_model: Any = None, label_only: bool | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.slam_model = slam_model
+        self.label_only = label_only
+
+    def _label_only_off(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> str | None:
+        """Why this loss computation must take the standard path (None: label-only it is)."""
+        from accelerate.utils import DistributedType
+
+        from .loss import label_only_reason
+
+        if self.label_only is False:
+            return "label_only=False"
+        if return_outputs or self.label_smoother is not None or self.compute_loss_func is not None:
+            return "outputs, label smoothing or a custom compute_loss_func are requested"
+        if "labels" not in inputs or "input_ids" not in inputs or set(inputs) - {"input_ids", "labels", "attention_mask"}:
+            return "the batch is not plain input_ids/attention_mask/labels"
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            return "FSDP (not tested with the label-only path)"
+        return label_only_reason(model)
+
+    def compute_loss(
+        self,
+        model: Any,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> Any:
+        """HF's causal-LM loss, computing the LM head only at labelled positions (:mod:`layerselect.loss`).
+
+        Same normalisation as ``Trainer.compute_loss``: summed NLL / ``num_items_in_batch``
+        (target tokens over accumulation steps, and processes) when the model takes loss
+        kwargs, else the batch mean; times the process count when tokens are averaged
+        across devices. Falls back to ``Trainer.compute_loss`` (full logits) when
+        ``label_only=False`` or when the model or setup does not allow it.
+        """
+        reason = self._label_only_off(model, inputs, return_outputs)
+        if reason is not None:
+            if self.label_only:
+                raise InvalidInputError(f"label_only=True is not possible here: {reason}")
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        from .loss import label_only_loss
+
+        n_items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        loss = label_only_loss(model, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"),
+                               label_only=True, num_items_in_batch=n_items).loss
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and n_items is not None:
+            scale = self.accelerator.num_processes // self.get_tp_size()
+            loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return loss
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -383,6 +430,7 @@ def train_slam(
     resume_from_checkpoint: bool | str | None = None,
     callbacks: Sequence[Any] | None = None,
     return_trainer: bool = False,
+    label_only: bool | None = None,
     **overrides: Any,
 ) -> Path | tuple[Path, Any]:
     """Train the selected FFN matrices on X->English pairs; return the final adapter directory.
@@ -402,6 +450,8 @@ def train_slam(
         eval_dataset: optional held-out pairs, evaluated per ``eval_strategy``.
         resume_from_checkpoint: True (latest in ``output_dir``) or a checkpoint path.
         return_trainer: also return the ``Trainer`` (for inspection / tests).
+        label_only: compute the LM head only at labelled positions (None: wherever the
+            family allows, see :mod:`layerselect.loss`; False: the standard full-logits path).
 
     Returns:
         ``OUT/adapter``, loadable with ``SelectiveFFNModel.from_pretrained(base, path)``.
@@ -439,6 +489,7 @@ def train_slam(
         data_collator=collator,
         callbacks=list(callbacks or []),
         slam_model=slam,
+        label_only=label_only,
     )
     if resume_from_checkpoint:
         resume_from_checkpoint = str(resolve_checkpoint(resume_from_checkpoint, out, slam))
@@ -495,11 +546,16 @@ def translation_loss(
     data: Any,
     batch_size: int = 8,
     max_length: int | None = 1024,
+    label_only: bool | None = None,
 ) -> float:
     """Mean per-token loss on the target tokens of ``data`` (pairs or a tokenized dataset).
 
-    For plain-text loss, pass items with ``labels == input_ids``.
+    For plain-text loss, pass items with ``labels == input_ids``. Log-softmax in
+    float64; the LM head runs only at target positions unless ``label_only=False``
+    (or the family needs the standard path, see :mod:`layerselect.loss`).
     """
+    from .loss import label_only_loss
+
     ds = build_train_dataset(data, tokenizer, max_length)
     collator = TranslationCollator.for_tokenizer(tokenizer)
     device = next(model.parameters()).device
@@ -509,12 +565,9 @@ def translation_loss(
     for i in range(0, len(ds), batch_size):
         batch = collator([ds[j] for j in range(i, min(i + batch_size, len(ds)))])
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
-        mask = labels != -100
-        nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        total += float(nll[mask].sum())
-        count += int(mask.sum())
+        out = label_only_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"],
+                              label_only=label_only, dtype=torch.float64)
+        total += float(out.nll_sum.sum())
+        count += int(out.token_count.sum())
     model.train(was_training)
     return total / max(count, 1)

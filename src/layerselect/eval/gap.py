@@ -50,7 +50,6 @@ __all__ = [
 ]
 
 #: Positions whose log-softmax is computed at once (bounds the [positions, vocab] buffer).
-_CHUNK = 128
 
 
 def load_solutions(path: str | os.PathLike[str], limit: int | None = None) -> list[str]:
@@ -124,58 +123,24 @@ def gap_item(tokenizer: Any, question: str, solution: str, prompt: str | None = 
     return ids, target
 
 
-def _lm_parts(model: Any) -> tuple[Any, Any, float | None] | None:
-    """(decoder body, output head, logit softcap) when logits are ``head(body(x))`` (+ softcapping)."""
-    from ..arch import unwrap_model
-
-    m = unwrap_model(model)
-    cfg = getattr(m, "config", None)
-    if any(getattr(cfg, a, None) not in (None, 1, 1.0) for a in ("logit_scale", "logits_scaling", "output_multiplier")):
-        return None
-    body = getattr(m, "model", None)
-    head = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
-    if body is None or head is None:
-        return None
-    return body, head, getattr(cfg, "final_logit_softcapping", None)
-
-
 @torch.no_grad()
 def target_nll(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-row sum of ``-log p(token)`` over the ``target`` positions, in float64.
 
     ``target[b, t]`` marks token ``t`` of row ``b`` as predicted from positions
-    ``< t``. Only the hidden states at the predicting positions go through the
-    output head, ``_CHUNK`` positions at a time, so no ``[tokens, vocab]``
-    buffer for the whole batch is ever built. (This is the one place the
-    reasoning gap computes a loss; a shared label-only loss can replace it.)
+    ``< t``. Computed by :func:`layerselect.loss.label_only_loss`, the library's one
+    loss path: only the predicting positions go through the output head, in
+    chunks, so no ``[tokens, vocab]`` buffer for the whole batch is ever built.
 
     Example:
         >>> target_nll(model, ids, mask, target)   # doctest: +SKIP
         tensor([41.2, 37.9], dtype=torch.float64)
     """
-    rows, cols = torch.nonzero(target[:, 1:], as_tuple=True)  # predicting position = cols
-    labels = input_ids[:, 1:][rows, cols]
-    out = torch.zeros(input_ids.shape[0], dtype=torch.float64)
-    parts = _lm_parts(model)
-    if parts is not None:
-        body, head, cap = parts
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        picked = hidden[rows, cols]
-    else:
-        logits_all = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        picked = logits_all[rows, cols]
-    for s in range(0, picked.shape[0], _CHUNK):
-        h = picked[s : s + _CHUNK]
-        if parts is not None:
-            logits = head(h)
-            if cap:
-                logits = torch.tanh(logits / cap) * cap
-        else:
-            logits = h
-        logp = torch.log_softmax(logits.double(), dim=-1)
-        nll = -logp.gather(1, labels[s : s + _CHUNK, None].to(logp.device))[:, 0]
-        out.index_add_(0, rows[s : s + _CHUNK].cpu(), nll.cpu())
-    return out
+    from ..loss import IGNORE_INDEX, label_only_loss
+
+    labels = torch.where(target.to(torch.bool), input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    out = label_only_loss(model, input_ids, labels, attention_mask, dtype=torch.float64)
+    return out.nll_sum.detach().to("cpu", torch.float64)
 
 
 def _device(model: Any) -> torch.device:
