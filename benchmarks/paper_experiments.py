@@ -256,6 +256,7 @@ def prepare(model: Any, spec: dict[str, Any]) -> tuple[Any, int, int]:
 def train(model: Any, features: Sequence[dict[str, list[int]]], pad_id: int, args: argparse.Namespace) -> dict[str, Any]:
     """The one training loop every run uses; returns losses and timings per optimizer step."""
     from layerselect.data import TranslationCollator
+    from layerselect.loss import label_only_loss
 
     collate = TranslationCollator(pad_token_id=pad_id)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -270,7 +271,10 @@ def train(model: Any, features: Sequence[dict[str, list[int]]], pad_id: int, arg
         for a in range(args.grad_accum):
             start = (step * args.grad_accum + a) * micro
             batch = {k: v.to(device) for k, v in collate(features[start : start + micro]).items()}
-            loss = model(**batch).loss / args.grad_accum
+            # The library's one loss path: the LM head only at labelled positions (a trainable head,
+            # as in `full`, falls back to the standard full-logits path by itself).
+            loss = label_only_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"]).loss
+            loss = loss / args.grad_accum
             loss.backward()
             total += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
