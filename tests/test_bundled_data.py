@@ -150,3 +150,22 @@ def test_cli_analyze_and_eval_take_data_mgsm(saved_tiny, tmp_path, capsys):
     assert [float(r["gold"]) for r in recs] == [float(x.rsplit("\t", 1)[1]) for x in
                                                 (mgsm_dir() / "mgsm_en.tsv").read_text().splitlines()[:2]]
     assert os.path.isfile(out / "run.json")
+
+
+def test_package_data_globs_cover_every_bundled_file():
+    """Each file under resources/ is matched by pyproject's package-data, so the wheel has it."""
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = tomllib.loads((root / "pyproject.toml").read_text())
+    globs = cfg["tool"]["setuptools"]["package-data"]["layerselect.resources"]
+    res = root / "src" / "layerselect" / "resources"
+    files = [p.relative_to(res).as_posix() for p in res.rglob("*")
+             if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".py"]
+    assert "data/NOTICE.md" in files and "data/mgsm/mgsm_zh.tsv" in files
+    missed = [f for f in files if not any(fnmatch.fnmatch(f, g) and f.count("/") == g.count("/") for g in globs)]
+    assert missed == []
+    assert "LICENSE" in cfg["project"]["license-files"] and cfg["project"]["license"] == "Apache-2.0"
+    assert "--durations=10" in cfg["tool"]["pytest"]["ini_options"]["addopts"]
