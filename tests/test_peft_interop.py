@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from layerselect.errors import FormatError
-from layerselect.selective_ffn import SelectiveFFNConfig, SelectiveFFNModel, get_slam_model, load_deltas
+from layerselect.selective_ffn import (
+    SelectiveFFNConfig,
+    SelectiveFFNModel,
+    get_slam_model,
+    load_deltas,
+)
 from layerselect.selective_ffn.io import CONFIG_NAME, LEGACY_NAMES, PATCHES_NAME, WEIGHTS_NAME
 from tiny import IDS, tiny_model
 
@@ -22,7 +27,7 @@ def _trained(layers=(1, 3), targets=("up", "down"), seed=0):
                                                                                          target_modules=list(targets)))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in slam.named_parameters():
+        for _, p in slam.named_parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
     return base, slam
