@@ -137,10 +137,15 @@ def export_lora(
         m = _TENSOR_NAME.match(name)
         if m is None:  # read_adapter already refuses these; kept as a guard
             raise InvalidInputError(f"unexpected tensor name {name} in {adapter}")
-        a, b, err = lora_factors(deltas[name], r_req)
+        a, b, _ = lora_factors(deltas[name], r_req)
+        a, b = a.to(dtype).contiguous(), b.to(dtype).contiguous()
         module = name[: -len(".weight")]
-        tensors[f"base_model.model.{module}.lora_A.weight"] = a.to(dtype).contiguous()
-        tensors[f"base_model.model.{module}.lora_B.weight"] = b.to(dtype).contiguous()
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b
+        # The error of the factors as stored (after the cast), against the delta in float64.
+        d = deltas[name].to(torch.float64)
+        norm = torch.linalg.matrix_norm(d)
+        err = float(torch.linalg.matrix_norm(d - b.double() @ a.double()) / norm) if norm > 0 else 0.0
         report.errors[name] = err
         report.ranks[name] = a.shape[0]
         modules.add(m.group("attr"))
