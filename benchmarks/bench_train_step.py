@@ -324,7 +324,7 @@ def bench_merge_and_load(args: argparse.Namespace) -> None:
         slam.save_pretrained(tmp / "adapter")
         save_s = time.perf_counter() - t0
         adapter_mb = sum(f.stat().st_size for f in (tmp / "adapter").iterdir()) / 2**20
-        meta = json.loads((tmp / "adapter" / "adapter_config.json").read_text())
+        meta = json.loads((tmp / "adapter" / "layerselect_adapter.json").read_text())
         del slam, model
 
         base = AutoModelForCausalLM.from_pretrained(tmp / "base", dtype=torch.float32)

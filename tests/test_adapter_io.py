@@ -68,7 +68,7 @@ def test_round_trip_every_family_is_exact(tmp_path, family):
     for name, p in loaded.base_model.named_parameters():
         assert torch.equal(p, trained_w[name]), name
         assert not p.requires_grad  # is_trainable=False by default
-    meta = json.loads((path / "adapter_config.json").read_text())
+    meta = json.loads((path / "layerselect_adapter.json").read_text())
     assert meta["reconstruction"]["exact"] is True
 
 
@@ -78,7 +78,7 @@ def test_round_trip_other_dtypes_is_exact(tmp_path, dtype):
     loaded = SelectiveFFNModel.from_pretrained(tiny_model("llama", dtype=dtype), path)
     assert torch.equal(_logits(loaded), _logits(model))
     expected = torch.float32 if dtype == torch.bfloat16 else torch.float64
-    with safe_open(str(path / "adapter_model.safetensors"), "pt") as fh:
+    with safe_open(str(path / "layerselect_deltas.safetensors"), "pt") as fh:
         assert {fh.get_tensor(k).dtype for k in list(fh.keys())} == {expected}
 
 
@@ -89,7 +89,7 @@ def test_adapter_holds_exactly_the_selected_deltas_and_nothing_else(tmp_path):
     model = get_slam_model(base, SelectiveFFNConfig(layers=[1, 3]))
     _train(model, lr=1e-3)
     model.save_pretrained(tmp_path / "a")
-    f = tmp_path / "a" / "adapter_model.safetensors"
+    f = tmp_path / "a" / "layerselect_deltas.safetensors"
     expected = {f"model.layers.{i}.mlp.{m}_proj.weight" for i in (1, 3) for m in ("up", "down")}
     with safe_open(str(f), "pt") as fh:
         tensors = {k: fh.get_tensor(k) for k in list(fh.keys())}
@@ -109,7 +109,7 @@ def test_adapter_config_records_provenance(tmp_path):
     from layerselect import __version__
 
     model, path = _trained_adapter(tmp_path, base_model_name_or_path="my/base")
-    meta = json.loads((path / "adapter_config.json").read_text())
+    meta = json.loads((path / "layerselect_adapter.json").read_text())
     assert meta["format_version"] == adapter_io.FORMAT_VERSION
     assert meta["library_version"] == __version__
     assert meta["base_model_name_or_path"] == "my/base"
@@ -117,7 +117,7 @@ def test_adapter_config_records_provenance(tmp_path):
     base = meta["base_model"]
     assert base["num_layers"] == 4 and base["model_type"] == "llama"
     assert set(base["fingerprint"]["tensors"]) == set(meta["tensors"]) == set(model.target_names)
-    assert meta["weights_sha256"] == adapter_io.sha256_file(path / "adapter_model.safetensors")
+    assert meta["weights_sha256"] == adapter_io.sha256_file(path / "layerselect_deltas.safetensors")
 
 
 # ----------------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ def test_deltas_are_exact_where_naive_subtraction_is_not():
 
 def test_lossy_bf16_deltas_report_their_error(tmp_path):
     model, path = _trained_adapter(tmp_path, delta_dtype="bfloat16")
-    meta = json.loads((path / "adapter_config.json").read_text())
+    meta = json.loads((path / "layerselect_adapter.json").read_text())
     rec = meta["reconstruction"]
     assert rec["exact"] is False and rec["patched_elements"] == 0
     fresh = tiny_model("llama", dtype=torch.float32)
@@ -164,7 +164,7 @@ def test_lossy_bf16_deltas_report_their_error(tmp_path):
     assert rec["max_abs_error"] == pytest.approx(max_err, rel=1e-12)
     assert rec["relative_error"] == pytest.approx(math.sqrt(err2 / norm2), rel=1e-9)
     assert 0 < rec["relative_error"] < 1e-2
-    assert (path / "adapter_model.safetensors").stat().st_size < 0.6 * 4 * 32 * 48 * 4 + 2000
+    assert (path / "layerselect_deltas.safetensors").stat().st_size < 0.6 * 4 * 32 * 48 * 4 + 2000
 
 
 def test_load_deltas_with_scale(tmp_path):
@@ -244,31 +244,31 @@ def test_wrong_architecture_is_refused_even_when_not_strict(tmp_path, overrides,
 
 
 def _corrupt_flip(path):
-    f = path / "adapter_model.safetensors"
+    f = path / "layerselect_deltas.safetensors"
     data = bytearray(f.read_bytes())
     data[-10] ^= 0xFF
     f.write_bytes(bytes(data))
 
 
 def _corrupt_truncate(path):
-    f = path / "adapter_model.safetensors"
+    f = path / "layerselect_deltas.safetensors"
     f.write_bytes(f.read_bytes()[:-100])
 
 
 def _newer_version(path):
-    c = path / "adapter_config.json"
+    c = path / "layerselect_adapter.json"
     meta = json.loads(c.read_text())
     meta["format_version"] = adapter_io.FORMAT_VERSION + 1
     c.write_text(json.dumps(meta))
 
 
 def _bad_json(path):
-    c = path / "adapter_config.json"
+    c = path / "layerselect_adapter.json"
     c.write_text(c.read_text()[:50])
 
 
 def _missing_weights(path):
-    (path / "adapter_model.safetensors").unlink()
+    (path / "layerselect_deltas.safetensors").unlink()
 
 
 @pytest.mark.parametrize(
@@ -278,7 +278,7 @@ def _missing_weights(path):
         (_corrupt_truncate, "does not match the checksum"),
         (_newer_version, rf"format version {adapter_io.FORMAT_VERSION + 1}.*Upgrade layerselect"),
         (_bad_json, "not valid JSON"),
-        (_missing_weights, "adapter_model.safetensors is missing"),
+        (_missing_weights, "layerselect_deltas.safetensors is missing"),
     ],
 )
 def test_damaged_adapters_are_refused_and_nothing_is_applied(tmp_path, damage, match):
@@ -295,7 +295,7 @@ def test_damaged_adapters_are_refused_and_nothing_is_applied(tmp_path, damage, m
 
 def test_truncated_file_is_caught_by_the_header_check_too(tmp_path):
     _, path = _trained_adapter(tmp_path)
-    f = path / "adapter_model.safetensors"
+    f = path / "layerselect_deltas.safetensors"
     f.write_bytes(f.read_bytes()[:-100])
     with pytest.raises(FormatError, match="truncated"):
         adapter_io.read_safetensors_header(f)
@@ -335,7 +335,7 @@ def test_from_pretrained_trainable_continues_relative_to_the_original_base(tmp_p
 
 def test_patches_side_file_is_written_when_needed_and_checked(tmp_path):
     model, path = _trained_adapter(tmp_path)  # float32, lr 0.1: some weights cross zero
-    meta = json.loads((path / "adapter_config.json").read_text())
+    meta = json.loads((path / "layerselect_adapter.json").read_text())
     n = meta["reconstruction"]["patched_elements"]
     assert n > 0 and meta["patches_file"] == adapter_io.PATCHES_NAME
     with safe_open(str(path / adapter_io.PATCHES_NAME), "pt") as fh:
@@ -348,5 +348,5 @@ def test_patches_side_file_is_written_when_needed_and_checked(tmp_path):
     assert off == n
     f = path / adapter_io.PATCHES_NAME
     f.write_bytes(f.read_bytes()[:-4])
-    with pytest.raises(FormatError, match="adapter_patches.safetensors does not match the checksum"):
+    with pytest.raises(FormatError, match="layerselect_patches.safetensors does not match the checksum"):
         load_deltas(tiny_model("llama", dtype=torch.float32), path)

@@ -29,7 +29,7 @@ def test_demo_pipeline_on_gemma(tmp_path):
     assert before.groups == list(DEMO_LANGS) and before.num_samples == 160
 
     # The adapter holds exactly the up/down deltas of the selected layers, and they are non-zero.
-    deltas = load_file(str(tmp_path / "train" / "adapter" / "adapter_model.safetensors"))
+    deltas = load_file(str(tmp_path / "train" / "adapter" / "layerselect_deltas.safetensors"))
     expected = {f"model.layers.{layer}.mlp.{m}.weight" for layer in sel.layers for m in ("up_proj", "down_proj")}
     assert set(deltas) == expected
     assert all(d.abs().max() > 0 for d in deltas.values())

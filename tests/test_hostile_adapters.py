@@ -115,7 +115,7 @@ def test_patches_file_names_are_never_followed(adapter, tmp_path, name):
     _rewrite(adapter, change_meta=lambda m: m.update(patches_file=name, patches_sha256="0" * 64))
     with pytest.raises(FormatError) as exc:
         load_deltas(tiny_model("llama", dtype=torch.float32), adapter)
-    assert_error(exc, "only 'adapter_patches.safetensors'")
+    assert_error(exc, "only 'layerselect_patches.safetensors'")
     # The message is the same whether the named file exists or not: nothing is revealed.
     assert "exist" not in str(exc.value) and "missing" not in str(exc.value)
     assert snapshot(tmp_path, exclude=adapter) == {k: v for k, v in before.items() if not k.startswith("adapter/")}

@@ -104,7 +104,7 @@ def test_merge_can_cast_to_the_training_dtype(setup, tmp_path):
         tensors.update(load_file(str(out / shard)))
     assert {t.dtype for t in tensors.values()} == {torch.float64}
     # independent: base rounded to bf16, plus the stored delta, in float64
-    deltas = load_file(str(root / "adapter" / "adapter_model.safetensors"))
+    deltas = load_file(str(root / "adapter" / "layerselect_deltas.safetensors"))
     bf16_base = load_file(str(tmp_path / "bf16" / _shard_of(tmp_path / "bf16", next(iter(deltas)))))
     name = next(iter(deltas))
     assert torch.equal(tensors[name], bf16_base[name].double() + deltas[name].double())

@@ -212,7 +212,7 @@ def test_reference_on_disk_gives_the_same_adapter(tmp_path):
         assert model.reference_nbytes == (2 * 32 * 48 * 4 if mode == "cpu" else 0)
         _train(model, lr=0.1)
         model.save_pretrained(tmp_path / mode)
-        with safe_open(str(tmp_path / mode / "adapter_model.safetensors"), "pt") as fh:
+        with safe_open(str(tmp_path / mode / "layerselect_deltas.safetensors"), "pt") as fh:
             outs[mode] = ({k: fh.get_tensor(k) for k in list(fh.keys())}, fh.metadata())
     assert outs["cpu"][1] == outs["disk"][1]
     assert outs["cpu"][0].keys() == outs["disk"][0].keys()

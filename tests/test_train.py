@@ -63,7 +63,7 @@ def test_training_changes_only_selected_matrices_and_loss_falls(tmp_path):
             changed.add(name)
     assert changed == SELECTED
     # adapter holds exactly the selected deltas and reloads onto a fresh base bit for bit
-    assert set(load_file(str(adapter / "adapter_model.safetensors"))) == SELECTED
+    assert set(load_file(str(adapter / "layerselect_deltas.safetensors"))) == SELECTED
     fresh = SelectiveFFNModel.from_pretrained(tiny_model("llama", dtype=torch.float32), adapter)
     fresh_sd = fresh.state_dict() if not hasattr(fresh, "base_model") else fresh.base_model.state_dict()
     for name in SELECTED:
@@ -72,7 +72,7 @@ def test_training_changes_only_selected_matrices_and_loss_falls(tmp_path):
     # checkpoints hold the adapter + trainer state, not the model
     ckpt = tmp_path / "checkpoint-4"
     names = set(os.listdir(ckpt))
-    assert {"adapter_config.json", "adapter_model.safetensors", TRAINABLE_WEIGHTS_NAME,
+    assert {"layerselect_adapter.json", "layerselect_deltas.safetensors", TRAINABLE_WEIGHTS_NAME,
             "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= names
     assert not any(n.startswith(("model", "pytorch_model")) for n in names), names
     summary = json.loads((tmp_path / "train_summary.json").read_text())
@@ -102,8 +102,8 @@ def test_resume_from_adapter_checkpoint_is_bitwise_identical(tmp_path):
     assert (tmp_path / "b" / "checkpoint-2").is_dir() and not (tmp_path / "b" / "checkpoint-4").exists()
     resumed = train_slam(tiny_model("llama", dtype=torch.float32), tok, pairs, cfg, output_dir=tmp_path / "b",
                          resume_from_checkpoint=True, **kw)
-    a = load_file(str(straight / "adapter_model.safetensors"))
-    b = load_file(str(resumed / "adapter_model.safetensors"))
+    a = load_file(str(straight / "layerselect_deltas.safetensors"))
+    b = load_file(str(resumed / "layerselect_deltas.safetensors"))
     assert set(a) == set(b) and len(a) == 4
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -145,7 +145,7 @@ def test_cli_train_tiny(tiny_checkpoint, tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "layers:               [0, 1]" in out and "trainable parameters:" in out and "held-out loss" in out
-    for name in ("loss.json", "loss.png", "train_summary.json", "adapter/adapter_model.safetensors"):
+    for name in ("loss.json", "loss.png", "train_summary.json", "adapter/layerselect_deltas.safetensors"):
         assert (tmp_path / "run" / name).is_file(), name
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
     assert summary["steps"] == 3 and summary["heldout_pairs"] == 4 and summary["layers"] == [0, 1]

@@ -38,8 +38,8 @@ def test_two_process_gloo_matches_single_process(tmp_path):
          "--master_port", str(_free_port()), str(WORKER), str(tmp_path / "ddp"), "--per-device", "2"],
         [sys.executable, str(WORKER), str(tmp_path / "single"), "--per-device", "4"],
     )
-    ddp = load_file(str(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors"))
-    single = load_file(str(tmp_path / "single" / "adapter" / "adapter_model.safetensors"))
+    ddp = load_file(str(tmp_path / "ddp" / "adapter" / "layerselect_deltas.safetensors"))
+    single = load_file(str(tmp_path / "single" / "adapter" / "layerselect_deltas.safetensors"))
     assert set(ddp) == set(single) and len(ddp) == 4
     for name in single:
         assert single[name].abs().max() > 1e-4, name  # it really trained

@@ -16,7 +16,7 @@ from . import __version__
 from .errors import LayerSelectError
 
 #: Pipeline order; modules that are not installed are skipped.
-COMMANDS = ("demo", "analyze", "select", "plot", "train", "merge", "eval")
+COMMANDS = ("demo", "analyze", "select", "plot", "train", "merge", "export-lora", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,9 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"layerselect.commands.{name}")
+            modname = name.replace("-", "_")
+            module = importlib.import_module(f"layerselect.commands.{modname}")
         except ModuleNotFoundError as exc:
-            if exc.name == f"layerselect.commands.{name}":
+            if exc.name == f"layerselect.commands.{modname}":
                 continue
             raise
         module.register(sub)

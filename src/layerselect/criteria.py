@@ -149,6 +149,34 @@ class Selection:
             lines.append(f"  layer {layer:>3} [{mark}] {score}{'; ' if score and note else ''}{note}")
         return "\n".join(lines)
 
+    def to_peft_config(self, peft_config: Any, layers_pattern: str | list[str] | None = None) -> Any:
+        """A copy of a PEFT tuner config restricted to these layers (``layers_to_transform``).
+
+        Works with any PEFT config that has ``layers_to_transform`` (LoRA, DoRA via
+        ``use_dora``, LoHa, LoKr, VeRA, ...); ``layers_pattern`` is set too when given.
+        The original config is not changed.
+
+        Example:
+            >>> from peft import LoraConfig                                      # doctest: +SKIP
+            >>> cfg = sel.to_peft_config(LoraConfig(r=8, target_modules=["up_proj", "down_proj"]))  # doctest: +SKIP
+            >>> cfg.layers_to_transform                                          # doctest: +SKIP
+            [0, 1]
+        """
+        import copy
+
+        if not hasattr(peft_config, "layers_to_transform"):
+            raise InvalidInputError(
+                f"{type(peft_config).__name__} has no layers_to_transform; use a PEFT tuner config "
+                "that restricts layers (LoraConfig, LoHaConfig, LoKrConfig, ...)"
+            )
+        if not self.layers:
+            raise InvalidInputError("the selection is empty: no layers to transform")
+        out = copy.deepcopy(peft_config)
+        out.layers_to_transform = list(self.layers)
+        if layers_pattern is not None:
+            out.layers_pattern = layers_pattern
+        return out
+
     def __str__(self) -> str:
         return self.explain()
 

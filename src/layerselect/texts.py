@@ -1,17 +1,30 @@
 """Reading the texts to analyse, grouped by language.
 
 A *text spec* names where they are; :func:`load_texts` returns
-``{language: [text, ...]}``. Accepted (the kind is detected, or forced with a
-``kind:`` prefix such as ``mgsm:DIR``):
+``{language: [text, ...]}``. Accepted:
 
-- ``mgsm``: a folder of ``{lang}.tsv`` or ``mgsm_{lang}.tsv`` files, one
+- a bundled source by name: ``mgsm`` (the MGSM test questions in 11
+  languages, shipped in the package, CC BY 4.0) or ``demo`` (the demo's 20
+  questions in 8 languages); a path of the same name, if one exists, wins;
+- ``mgsm:DIR``: a folder of ``{lang}.tsv`` or ``mgsm_{lang}.tsv`` files, one
   ``question<TAB>answer`` per line (the question is the text);
-- ``txt``: a folder of line-aligned ``{lang}.txt`` files, one text per line;
-- ``jsonl``: a file of ``{"lang": ..., "text": ...}`` lines.
+- ``txt:DIR``: a folder of line-aligned ``{lang}.txt`` files, one text per line;
+- ``jsonl:FILE``: ``{"lang": ..., "text": ...}`` lines, or wide lines with one
+  key per language (``{"id": 0, "en": "...", "de": "..."}``, the demo's layout);
+- ``hf:DIR``: a Hugging Face dataset saved with ``save_to_disk``: a
+  ``DatasetDict`` keyed by language (its first column named ``question``,
+  ``text`` or ``inputs`` is the text) or one ``Dataset`` with ``lang`` and
+  ``text`` columns; ``hf:NAME`` (e.g. ``hf:juletxara/mgsm``) loads config =
+  language, split ``test``, through ``datasets.load_dataset`` (network or
+  the local datasets cache).
+
+Without a ``kind:`` prefix the kind of a path is detected.
 
 Example:
     >>> from layerselect.texts import load_texts
-    >>> texts = load_texts("mgsm:../shared/data/mgsm", langs=["en", "de"], limit=20)  # doctest: +SKIP
+    >>> texts = load_texts("mgsm", langs=["en", "de"], limit=2)
+    >>> texts["en"][0][:22], len(texts["de"])
+    ('Janet’s ducks lay 16 e', 2)
 """
 
 from __future__ import annotations
@@ -24,10 +37,13 @@ from pathlib import Path
 from ._io import iter_jsonl, read_text
 from .errors import InvalidInputError
 
-__all__ = ["load_texts", "split_spec", "default_data_dir", "PAPER_LANGS"]
+__all__ = ["load_texts", "split_spec", "default_data_dir", "PAPER_LANGS", "TEXT_KINDS"]
 
 #: The paper's ten MGSM languages, low-resource first as in its tables.
 PAPER_LANGS = ("bn", "th", "sw", "ja", "zh", "de", "fr", "ru", "es", "en")
+
+#: The ``kind:`` prefixes :func:`load_texts` accepts.
+TEXT_KINDS = ("mgsm", "txt", "jsonl", "hf")
 
 _TSV = re.compile(r"^(?:mgsm_)?([A-Za-z][A-Za-z_-]*)\.tsv$")
 _TXT = re.compile(r"^([A-Za-z][A-Za-z_-]*)\.txt$")
@@ -76,27 +92,100 @@ def _read_folder(path: Path, pattern: re.Pattern[str], column: int | None) -> di
     return out
 
 
+_WIDE_SKIP = frozenset({"id", "answer", "index", "idx"})
+_LANG_CODE = re.compile(r"[a-z]{2,3}(?:[_-][A-Za-z0-9]{2,8})?")
+
+
 def _read_jsonl(path: Path) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for i, row in iter_jsonl(path):
+        if isinstance(row, dict) and "lang" not in row and "text" not in row:
+            # Wide layout: one key per language, as in the packaged demo prompts.
+            langs = {k: v for k, v in row.items() if _LANG_CODE.fullmatch(k) and isinstance(v, str)}
+            if langs and all(k in _WIDE_SKIP or k in langs for k in row):
+                for lang, text in langs.items():
+                    out.setdefault(lang, []).append(text)
+                continue
         try:
             lang, text = row["lang"], row["text"]
         except (KeyError, TypeError) as exc:
-            raise InvalidInputError(f"{path}:{i}: expected a JSON object with 'lang' and 'text' ({exc})") from None
+            raise InvalidInputError(
+                f"{path}:{i}: expected a JSON object with 'lang' and 'text', or one text per "
+                f"language key ({exc})"
+            ) from None
         out.setdefault(str(lang), []).append(str(text))
     return out
 
 
-def split_spec(spec: str | os.PathLike[str], kinds: Sequence[str]) -> tuple[str, Path]:
-    """``"kind:PATH"`` -> ``(kind, Path)`` for a known kind, else ``("", Path(spec))`` (kind to detect)."""
+_HF_TEXT_COLUMNS = ("text", "question", "inputs", "input", "query")
+
+
+def _text_column(names: Sequence[str], where: str) -> str:
+    for c in _HF_TEXT_COLUMNS:
+        if c in names:
+            return c
+    raise InvalidInputError(
+        f"{where} has no text column; looked for {', '.join(_HF_TEXT_COLUMNS)}, found {list(names)}"
+    )
+
+
+def _read_hf(name: str, langs: Sequence[str] | None) -> dict[str, list[str]]:
+    """A ``save_to_disk`` folder, or a hub data set with one config per language."""
+    try:
+        import datasets
+    except ImportError as exc:
+        raise InvalidInputError(f"hf:{name} needs the 'datasets' package: pip install datasets ({exc})") from exc
+    path = Path(name)
+    out: dict[str, list[str]] = {}
+    if path.exists():
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as exc:
+            raise InvalidInputError(f"hf:{path} is not a folder written by save_to_disk ({exc})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            for lang, part in ds.items():
+                out[lang] = [str(x) for x in part[_text_column(part.column_names, f"hf:{path}[{lang}]")]]
+        else:
+            if "lang" not in ds.column_names:
+                raise InvalidInputError(
+                    f"hf:{path} is one Dataset without a 'lang' column; save a DatasetDict keyed by "
+                    f"language or add 'lang' (columns: {ds.column_names})"
+                )
+            col = _text_column(ds.column_names, f"hf:{path}")
+            for lang, text in zip(ds["lang"], ds[col]):
+                out.setdefault(str(lang), []).append(str(text))
+        return out
+    if not langs:
+        raise InvalidInputError(f"hf:{name} is a hub data set with one config per language: pass langs")
+    for lang in langs:
+        try:
+            part = datasets.load_dataset(name, lang, split="test")
+        except Exception as exc:  # network, unknown config, no cache: all say the same to the user
+            raise InvalidInputError(f"could not load hf:{name} config {lang!r} split 'test' ({exc})") from None
+        out[lang] = [str(x) for x in part[_text_column(part.column_names, f"hf:{name}[{lang}]")]]
+    return out
+
+
+def split_spec(
+    spec: str | os.PathLike[str], kinds: Sequence[str], names: Sequence[str] = ()
+) -> tuple[str, Path]:
+    """``"kind:PATH"`` -> ``(kind, Path)`` for a known kind, else ``("", Path(spec))`` (kind to detect).
+
+    An unknown ``kind:`` prefix raises, listing ``kinds`` and the bundled source ``names``.
+
+    Example:
+        >>> split_spec("txt:corpus", ("mgsm", "txt"))
+        ('txt', PosixPath('corpus'))
+    """
     text = str(spec)
     kind, sep, rest = text.partition(":")
     if kind in kinds and rest:
         return kind, Path(rest)
     if sep and re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]+", kind) and not Path(text).exists():
+        bundled = f"; bundled sources: {', '.join(names)}" if names else ""
         raise InvalidInputError(
             f"unknown data kind {kind!r} in {text!r}; the kinds are {', '.join(kinds)} "
-            f"(write KIND:PATH, e.g. {kinds[0]}:{rest or 'DIR'}), or give a plain path"
+            f"(write KIND:PATH, e.g. {kinds[0]}:{rest or 'DIR'}), or give a plain path{bundled}"
         )
     return "", Path(text)
 
@@ -111,10 +200,23 @@ def load_texts(
     ``langs`` keeps (and orders) those languages and fails on a missing one;
     ``limit`` keeps the first N texts of each language (parallel data stays parallel).
     """
-    kind, path = split_spec(spec, ("mgsm", "txt", "jsonl"))
-    kind = kind or _detect(path)
+    from .resources import NAMED_SOURCES, named_source
+
+    bundled = named_source(str(spec)) if not Path(str(spec)).exists() else None
+    if bundled is not None:
+        kind, path = bundled
+        kind = "mgsm" if kind == "mgsm" else "jsonl"
+    else:
+        kind, path = split_spec(spec, TEXT_KINDS, names=tuple(NAMED_SOURCES))
+    if kind == "hf":
+        texts = _read_hf(str(path), langs)
+        return _keep(texts, f"hf:{path}", "hf", langs, limit)
     if not path.exists():
-        raise InvalidInputError(f"data path {path} does not exist")
+        raise InvalidInputError(
+            f"data path {path} does not exist; give a path, KIND:PATH with KIND one of "
+            f"{', '.join(TEXT_KINDS)}, or a bundled source: {', '.join(NAMED_SOURCES)}"
+        )
+    kind = kind or _detect(path)
     if kind in ("mgsm", "txt") and not path.is_dir():
         raise InvalidInputError(f"{kind}:{path} must be a folder of {{lang}} files, but it is a file")
     if kind == "jsonl" and not path.is_file():
@@ -125,6 +227,12 @@ def load_texts(
         texts = _read_folder(path, _TXT, column=None)
     else:
         texts = _read_jsonl(path)
+    return _keep(texts, path, kind, langs, limit)
+
+
+def _keep(
+    texts: dict[str, list[str]], path: object, kind: str, langs: Sequence[str] | None, limit: int | None
+) -> dict[str, list[str]]:
     if not texts:
         raise InvalidInputError(f"no texts found in {path} (read as {kind})")
     if langs is not None:

@@ -3,7 +3,7 @@
 :func:`train_slam` takes a model, its tokenizer, X->English pairs and a
 :class:`~layerselect.selective_ffn.SelectiveFFNConfig`, freezes everything but
 the selected FFN matrices, trains, and returns the adapter directory
-(``adapter_config.json`` + ``adapter_model.safetensors`` holding deltas).
+(``layerselect_adapter.json`` + ``layerselect_deltas.safetensors`` holding deltas).
 
 Paper defaults (:data:`PAPER_DEFAULTS`; every one can be overridden):
 

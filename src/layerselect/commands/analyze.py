@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Collect ActivationStats over texts grouped by language and print R / overlap / MSD per layer.",
     )
     add_model_args(p)
-    p.add_argument("--data", required=True, help="mgsm:DIR, txt:DIR, jsonl:FILE (or a path; kind detected)")
+    p.add_argument("--data", required=True,
+                   help="mgsm (bundled MGSM), demo, mgsm:DIR, txt:DIR, jsonl:FILE, hf:DIR (or a path; kind detected)")
     p.add_argument("--langs", default=None, help="comma-separated languages to use (default: all found)")
     p.add_argument("--limit", type=int, default=None, help="first N texts per language")
     p.add_argument("--out", required=True, help="directory to write stats.safetensors + stats.json")

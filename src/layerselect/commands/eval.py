@@ -2,7 +2,7 @@
 
 Example::
 
-    layerselect eval --model smollm2-135m --task mgsm --data ../shared/data/mgsm \\
+    layerselect eval --model smollm2-135m --task mgsm --data mgsm \\
         --langs en,de,zh --limit 20 --out results/
     layerselect eval --task mgsm --out results/ --rescore     # re-score, no model
     layerselect eval --metric nll --model gemma-3-270m --task mgsm --data ../shared/data/mgsm \
@@ -40,7 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter", default=None, help="selective-FFN adapter directory, merged into --model")
     p.add_argument("--task", default=None, choices=sorted(TASKS),
                    help="benchmark (default: mgsm; with --rescore: the one in OUT/run.json)")
-    p.add_argument("--data", default=None, help="the task's data folder (default: $LAYERSELECT_DATA_DIR/{task})")
+    p.add_argument("--data", default=None,
+                   help="the task's data folder, or 'mgsm' for the bundled MGSM "
+                   "(default: the bundled MGSM for --task mgsm, else $LAYERSELECT_DATA_DIR/{task})")
     p.add_argument("--langs", default=None,
                    help=f"comma-separated languages (default: those of {','.join(PAPER_LANGS)} found in --data)")
     p.add_argument("--limit", type=int, default=None, help="first N questions per language")
@@ -66,8 +68,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _default_data(task: str) -> str:
+    from ..eval.tasks import get_task
     from ..texts import default_data_dir
 
+    bundled = get_task(task).bundled_data()
+    if bundled is not None:
+        return str(bundled)
     base = default_data_dir()
     if base is None or not (base / task).is_dir():
         raise InvalidInputError(f"pass --data, the {task} data folder (no default found)")
@@ -107,6 +113,10 @@ def run(args: argparse.Namespace) -> int:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise InvalidInputError(f"--out {args.out} is an existing file; give a folder for the generations")
     data = args.data or _default_data(args.task)
+    if not os.path.exists(data):
+        from ..eval.tasks import get_task
+
+        data = str(get_task(args.task).resolve_data(data))
     if langs is None:
         from ..eval.tasks import get_task
 

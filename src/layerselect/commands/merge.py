@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", required=True,
                    help="base checkpoint directory (model.safetensors[.index.json]), a .gguf file, "
                    "or a bundled model name (gemma-3-270m, smollm2-135m)")
-    p.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--adapter", required=True, help="adapter directory (layerselect_adapter.json + layerselect_deltas.safetensors)")
     p.add_argument("--out", required=True, help="output directory for the merged checkpoint")
     p.add_argument("--scale", type=float, default=1.0, help="multiply the deltas (default 1.0)")
     p.add_argument("--dtype", default=None, help="cast floating weights first (e.g. the training dtype)")

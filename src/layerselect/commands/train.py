@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="'auto' (analyze --analysis-data + msd selection), or a spec like 0-5 / 0,2,4")
     p.add_argument("--selection", default=None, help="selection.json from `layerselect select` (overrides --layers)")
     p.add_argument("--criterion", default="msd", help="criterion for --layers auto (default: msd)")
-    p.add_argument("--analysis-data", default=None, help="texts for --layers auto, e.g. mgsm:DIR")
+    p.add_argument("--analysis-data", default=None, help="texts for --layers auto: mgsm (bundled), mgsm:DIR, txt:DIR, ...")
     p.add_argument("--analysis-limit", type=int, default=None, help="first N texts per language for --layers auto")
     p.add_argument("--train-data", required=True, help="pairs:DIR ({xx}-en/train.{xx,en}), jsonl:FILE or hf:DIR")
     p.add_argument("--langs", default=None, help="comma-separated source languages (default: all found)")

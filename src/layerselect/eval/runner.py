@@ -220,7 +220,8 @@ def evaluate(
         tokenizer: its tokenizer (unused by vLLM; may be None there).
         task: ``"mgsm"``, ``"msvamp"``, ``"xcsqa"`` or a :class:`~layerselect.eval.tasks.Task`.
         langs: languages to evaluate (default: every language found in ``data``).
-        data: the task's data folder (see :mod:`layerselect.eval.tasks`).
+        data: the task's data folder (see :mod:`layerselect.eval.tasks`); None or
+            ``"mgsm"`` means the MGSM copy bundled with the package.
         limit: the first ``limit`` questions per language.
         out_dir: where generations and results go (see module doc); None keeps
             everything in memory (no resume).
@@ -241,8 +242,7 @@ def evaluate(
         among ``langs``.
     """
     task = get_task(task)
-    if data is None:
-        raise InvalidInputError(f"evaluate needs data=, the {task.name} data folder")
+    data = task.resolve_data(data)  # None or "mgsm" -> the bundled MGSM
     if langs is None:
         langs = task.available_langs(data)
         if not langs:

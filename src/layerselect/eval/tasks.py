@@ -77,6 +77,27 @@ class Task:
     answer_type: ClassVar[str] = "number"
 
     # -- data ---------------------------------------------------------------
+    def bundled_data(self) -> Path | None:
+        """The copy of this task's data shipped in the package, or None (only MGSM has one)."""
+        return None
+
+    def resolve_data(self, data: str | Path | None) -> Path:
+        """``data`` as a folder: None or the task's own name (with no such path) -> the bundled copy.
+
+        Example:
+            >>> get_task("mgsm").resolve_data(None).name
+            'mgsm'
+        """
+        if data is None or (str(data) == self.name and not Path(data).exists()):
+            bundled = self.bundled_data()
+            if bundled is None:
+                raise InvalidInputError(
+                    f"{self.name} data is not bundled with layerselect: pass its data folder"
+                    + (f" (no path {str(data)!r} exists)" if data is not None else "")
+                )
+            return bundled
+        return Path(data)
+
     def find_file(self, data: str | Path, lang: str) -> Path:
         """The data file of ``lang`` inside the folder ``data`` (or ``data`` itself if it is a file)."""
         data = Path(data)
@@ -153,6 +174,11 @@ class MGSM(Task):
 
     name = "mgsm"
     file_patterns = ("mgsm_{lang}.tsv", "{lang}.tsv")
+
+    def bundled_data(self) -> Path:
+        from ..resources import mgsm_dir
+
+        return mgsm_dir()
 
     def load_file(self, path: Path, lang: str) -> list[Example]:
         out = []

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from .config import DELTA_DTYPES, SelectiveFFNConfig
 from .io import FORMAT_VERSION, load_deltas, read_adapter
+from .lora import LoraExport, export_lora
 from .merge import merge_checkpoint
 from .model import SelectiveFFNModel, get_slam_model
 
@@ -23,6 +24,8 @@ __all__ = [
     "get_slam_model",
     "load_deltas",
     "merge_checkpoint",
+    "export_lora",
+    "LoraExport",
     "read_adapter",
     "DELTA_DTYPES",
     "FORMAT_VERSION",

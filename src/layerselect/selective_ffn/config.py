@@ -34,7 +34,7 @@ __all__ = ["SelectiveFFNConfig", "DELTA_DTYPES", "normalize_target_modules"]
 #: float32 deltas for float32/bfloat16/float16 weights and float64 deltas for float64
 #: weights: both reproduce the trained weights bit for bit on the same base in the
 #: same dtype. ``"bfloat16"``/``"float16"`` are lossy (half the size of float32);
-#: their reconstruction error is recorded in ``adapter_config.json``.
+#: their reconstruction error is recorded in ``layerselect_adapter.json``.
 DELTA_DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
 
 # Names users may give for the FFN matrices and attention projections -> canonical roles
@@ -216,10 +216,11 @@ class SelectiveFFNConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike[str]) -> SelectiveFFNConfig:
-        """Read a config (or a whole ``adapter_config.json``)."""
+        """Read a config (or a whole ``layerselect_adapter.json``; format-1 ``adapter_config.json`` too)."""
         path = Path(path)
         if path.is_dir():
-            path = path / "adapter_config.json"
+            new, legacy = path / "layerselect_adapter.json", path / "adapter_config.json"
+            path = legacy if not new.is_file() and legacy.is_file() else new
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:

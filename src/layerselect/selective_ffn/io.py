@@ -2,10 +2,10 @@
 
 An adapter directory holds two files (see ``docs/adapters.md`` for the full format):
 
-- ``adapter_model.safetensors``: one tensor per trained matrix, keyed by the base
+- ``layerselect_deltas.safetensors``: one tensor per trained matrix, keyed by the base
   model's own parameter name (``model.layers.3.mlp.up_proj.weight``), holding
   ``delta = W_trained - W_base``;
-- ``adapter_config.json``: the :class:`SelectiveFFNConfig` fields plus the format
+- ``layerselect_adapter.json``: the :class:`SelectiveFFNConfig` fields plus the format
   version, the library version, the base model's name, layer count and a
   fingerprint of the targeted base weights, per-tensor shapes/dtypes, the
   reconstruction error, and the SHA-256 of the tensor file.
@@ -17,7 +17,7 @@ deltas (float32, or float64 for float64 weights) are therefore computed from the
 exact difference, then *verified* with the very arithmetic used to apply them
 (:func:`apply_delta`); any element that does not reconstruct is recorded as a
 *patch* (its flat index and the trained bit pattern) in a small side file,
-``adapter_patches.safetensors`` (only written when needed).
+``layerselect_patches.safetensors`` (only written when needed).
 Applying with ``scale=1`` therefore reproduces the trained weights bit for bit on
 the same base in the same dtype, by construction. Patches are needed only where a
 weight crossed zero or shrank below half its base value (float32 deltas on
@@ -64,6 +64,7 @@ __all__ = [
     "FORMAT_VERSION",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
+    "LEGACY_NAMES",
     "AdapterFile",
     "apply_delta",
     "compute_delta",
@@ -81,11 +82,15 @@ __all__ = [
 ]
 
 FORMAT_NAME = "layerselect.selective_ffn"
-FORMAT_VERSION = 1
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_VERSION = 2
+# Own file names, not PEFT's: tools that detect a PEFT adapter by ``adapter_config.json``
+# (transformers' from_pretrained, vLLM, peft) would otherwise try to load it as one.
+CONFIG_NAME = "layerselect_adapter.json"
+WEIGHTS_NAME = "layerselect_deltas.safetensors"
 FINGERPRINT_METHOD = "sha256 of weights cast float32->bfloat16, per tensor"
-PATCHES_NAME = "adapter_patches.safetensors"
+PATCHES_NAME = "layerselect_patches.safetensors"
+#: Format version 1 (layerselect 0.1) used PEFT's names; still read, never written.
+LEGACY_NAMES = ("adapter_config.json", "adapter_model.safetensors", "adapter_patches.safetensors")
 
 # safetensors dtype codes <-> torch dtypes.
 ST_DTYPES: dict[str, torch.dtype] = {
@@ -292,10 +297,11 @@ class AdapterFile:
     meta: dict[str, Any]
     tensors: dict[str, dict[str, Any]]  # name -> {"shape", "dtype"}
     patches: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (flat index, trained bits)
+    weights_name: str = WEIGHTS_NAME  # LEGACY_NAMES[1] for a format-1 folder
 
     @property
     def weights_path(self) -> Path:
-        return self.directory / WEIGHTS_NAME
+        return self.directory / self.weights_name
 
     @property
     def num_layers(self) -> int | None:
@@ -324,7 +330,11 @@ def read_adapter(path: str | os.PathLike[str], verify_checksum: bool = True) -> 
     directory = Path(path)
     if directory.is_file():
         directory = directory.parent
-    cfg_path = directory / CONFIG_NAME
+    names = (CONFIG_NAME, WEIGHTS_NAME, PATCHES_NAME)
+    if not (directory / CONFIG_NAME).is_file() and (directory / LEGACY_NAMES[0]).is_file():
+        names = LEGACY_NAMES  # format 1; checked below (a PEFT adapter is refused by its format)
+    config_name, weights_name, patches_name = names
+    cfg_path = directory / config_name
     if not cfg_path.is_file():
         raise FormatError(f"{directory} is not an adapter directory: {CONFIG_NAME} is missing")
     try:
@@ -341,6 +351,11 @@ def read_adapter(path: str | os.PathLike[str], verify_checksum: bool = True) -> 
     version = meta.get("format_version")
     if not isinstance(version, int):
         raise FormatError(f"{cfg_path} has no integer format_version")
+    if (version >= 2) != (names[0] == CONFIG_NAME):
+        raise FormatError(
+            f"{cfg_path} says format_version {version}, but format {'2+' if version >= 2 else 1} "
+            f"folders name it {CONFIG_NAME if version >= 2 else LEGACY_NAMES[0]}"
+        )
     if version > FORMAT_VERSION:
         raise FormatError(
             f"{directory} uses adapter format version {version}, written by layerselect "
@@ -351,9 +366,9 @@ def read_adapter(path: str | os.PathLike[str], verify_checksum: bool = True) -> 
         config = SelectiveFFNConfig.from_dict(meta)
     except (TypeError, ValueError) as exc:
         raise FormatError(f"{cfg_path}: invalid config ({exc})") from None
-    weights = directory / WEIGHTS_NAME
+    weights = directory / weights_name
     if not weights.is_file():
-        raise FormatError(f"{directory}: {WEIGHTS_NAME} is missing")
+        raise FormatError(f"{directory}: {weights_name} is missing")
     expected = meta.get("weights_sha256")
     if verify_checksum:
         if not isinstance(expected, str):
@@ -380,8 +395,8 @@ def read_adapter(path: str | os.PathLike[str], verify_checksum: bool = True) -> 
             raise FormatError(f"{weights}: {name} has shape {shape}, {CONFIG_NAME} says {declared[name].get('shape')}")
         tensors[name] = {"shape": shape, "dtype": ST_DTYPES[info["dtype"]]}
     check_tensor_names(config, tensors, where=str(weights))
-    patches = _read_patches(directory, meta, tensors, verify_checksum)
-    return AdapterFile(directory, config, meta, tensors, patches)
+    patches = _read_patches(directory, meta, tensors, verify_checksum, names)
+    return AdapterFile(directory, config, meta, tensors, patches, weights_name)
 
 
 _TENSOR_NAME = re.compile(
@@ -424,22 +439,27 @@ def check_tensor_names(config: SelectiveFFNConfig, names: Iterable[str], where: 
 
 
 def _read_patches(
-    directory: Path, meta: Mapping[str, Any], tensors: Mapping[str, Mapping[str, Any]], verify: bool
+    directory: Path,
+    meta: Mapping[str, Any],
+    tensors: Mapping[str, Mapping[str, Any]],
+    verify: bool,
+    names: tuple[str, str, str] = (CONFIG_NAME, WEIGHTS_NAME, PATCHES_NAME),
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    config_name, _, patches_name = names
     name = meta.get("patches_file")
     if not name:
         return {}
-    if name != PATCHES_NAME:
+    if name != patches_name:
         # File names inside a config are fixed; never a path the file chooses.
         raise FormatError(
-            f"{directory / CONFIG_NAME} names the patches file {name!r}; only {PATCHES_NAME!r} "
+            f"{directory / config_name} names the patches file {name!r}; only {patches_name!r} "
             "inside the adapter folder is allowed (the config is corrupt or hostile)"
         )
-    path = directory / PATCHES_NAME
+    path = directory / patches_name
     if not path.is_file():
-        raise FormatError(f"{directory}: {name} (exactness patches named in {CONFIG_NAME}) is missing")
+        raise FormatError(f"{directory}: {name} (exactness patches named in {config_name}) is missing")
     if verify and sha256_file(path) != meta.get("patches_sha256"):
-        raise FormatError(f"{path} does not match the checksum in {CONFIG_NAME}: corrupt or truncated")
+        raise FormatError(f"{path} does not match the checksum in {config_name}: corrupt or truncated")
     read_safetensors_header(path)
     try:
         raw = load_file(str(path))
@@ -665,7 +685,7 @@ def write_adapter(
     overwrite: bool = False,
     into_existing: bool = False,
 ) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` as the folder ``directory``.
+    """Write ``layerselect_adapter.json`` + ``layerselect_deltas.safetensors`` as the folder ``directory``.
 
     The folder is built whole next to ``directory`` and swapped in at the end, so a
     failure midway (full disk, crash, exception) leaves the previous adapter intact
@@ -701,7 +721,6 @@ def write_adapter(
         "format_version": FORMAT_VERSION,
         "library": "layerselect",
         "library_version": __version__,
-        "peft_type": "SELECTIVE_FFN",
         **config.to_dict(),
         "base_model": {
             **dict(base_info),
@@ -724,7 +743,7 @@ def write_adapter(
         "weights_file": WEIGHTS_NAME,
     }
     writer = (
-        atomic_files(directory, remove=[PATCHES_NAME]) if into_existing
+        atomic_files(directory, remove=[PATCHES_NAME, *LEGACY_NAMES]) if into_existing
         else atomic_directory(directory, CONFIG_NAME, overwrite=overwrite, what="adapter folder")
     )
     with writer as tmp:

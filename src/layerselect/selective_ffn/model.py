@@ -392,7 +392,7 @@ class SelectiveFFNModel(nn.Module):
         into_existing: bool = False,
         **kwargs: Any,
     ) -> None:
-        """Write the adapter: ``adapter_config.json`` + ``adapter_model.safetensors`` (deltas only).
+        """Write the adapter: ``layerselect_adapter.json`` + ``layerselect_deltas.safetensors`` (deltas only).
 
         Atomic: the folder is built whole and swapped in, so on failure a previous
         adapter in ``save_directory`` is untouched and on success no stale file of
