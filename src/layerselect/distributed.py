@@ -220,8 +220,8 @@ def save_checkpoint(
 ) -> Path:
     """Write a resumable checkpoint without gathering the model; call on every rank.
 
-    ``directory`` gets the adapter (``adapter_config.json`` +
-    ``adapter_model.safetensors``, usable as is), ``trainable_weights.safetensors``
+    ``directory`` gets the adapter (``layerselect_adapter.json`` +
+    ``layerselect_deltas.safetensors``, usable as is), ``trainable_weights.safetensors``
     (exact values of the trained matrices), ``optimizer.pt`` (the full optimizer
     state of the trained matrices only: AdamW holds nothing for frozen weights),
     ``scheduler.pt`` and ``checkpoint_state.json`` (the step). Matrices are

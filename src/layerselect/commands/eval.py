@@ -5,8 +5,8 @@ Example::
     layerselect eval --model smollm2-135m --task mgsm --data mgsm \\
         --langs en,de,zh --limit 20 --out results/
     layerselect eval --task mgsm --out results/ --rescore     # re-score, no model
-    layerselect eval --metric nll --model gemma-3-270m --task mgsm --data ../shared/data/mgsm \
-        --solutions ../shared/data/mgsm_solutions/mgsm_en_solutions.jsonl --out gap/   # reasoning gap
+    layerselect eval --metric nll --model gemma-3-270m --task mgsm \
+        --out gap/   # reasoning gap (bundled MGSM + solutions by default)
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "reasoning gap, NLL of the English solution given the question in each language")
     p.add_argument("--solutions", default=None,
                    help="--metric nll: English solutions JSONL, line i = question i "
-                        "(default: $LAYERSELECT_DATA_DIR/mgsm_solutions/mgsm_en_solutions.jsonl)")
+                        "(default: the bundled MGSM solutions)")
     p.add_argument("--bootstrap", type=int, default=1000, help="--metric nll: bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="--metric nll: bootstrap seed")
     p.set_defaults(func=run)
@@ -166,13 +166,10 @@ def _print_quiet(args: argparse.Namespace, table: dict[str, Any]) -> None:
 
 
 def _default_solutions() -> str:
-    from ..texts import default_data_dir
+    """The English MGSM solutions bundled with the package (GSM8K test solutions, MIT)."""
+    from ..resources import mgsm_solutions_path
 
-    base = default_data_dir()
-    path = base / "mgsm_solutions" / "mgsm_en_solutions.jsonl" if base is not None else None
-    if path is None or not path.is_file():
-        raise InvalidInputError("pass --solutions, the English solutions JSONL (no default found)")
-    return str(path)
+    return str(mgsm_solutions_path())
 
 
 def run_gap(args: argparse.Namespace, langs: list[str] | None) -> int:
