@@ -96,7 +96,7 @@ def test_only_attention_of_selected_layers_trains_and_round_trips(tmp_path):
     changed = {k for k, v in base.state_dict().items() if not torch.equal(before[k], v)}
     assert changed == expected
     model.save_pretrained(tmp_path / "adapter")
-    deltas = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    deltas = load_file(str(tmp_path / "adapter" / "layerselect_deltas.safetensors"))
     assert set(deltas) == expected
     trained = {k: v.clone() for k, v in base.state_dict().items()}
 

@@ -60,7 +60,7 @@ def _run_all(*cmds: list[str], env: dict[str, str]) -> None:
 
 
 def _adapter(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / "adapter" / "adapter_model.safetensors"))
+    return load_file(str(path / "adapter" / "layerselect_deltas.safetensors"))
 
 
 def test_fsdp2_example_two_processes_match_one_and_resume(tmp_path):
@@ -83,7 +83,7 @@ def test_fsdp2_example_two_processes_match_one_and_resume(tmp_path):
     summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
     assert summary["resumed_from"] == 2 and summary["processes"] == 2
     ckpt = tmp_path / "n2" / "checkpoint-2"
-    assert {"adapter_config.json", "adapter_model.safetensors", "trainable_weights.safetensors", "optimizer.pt",
+    assert {"layerselect_adapter.json", "layerselect_deltas.safetensors", "trainable_weights.safetensors", "optimizer.pt",
             "scheduler.pt", "checkpoint_state.json"} <= {p.name for p in ckpt.iterdir()}
     # The checkpoint's own adapter loads onto a fresh base like any adapter.
     SelectiveFFNModel.from_pretrained(_tiny_llama_from_example(), ckpt)
@@ -140,8 +140,8 @@ def test_fsdp2_adapter_equals_single_process_and_saving_never_gathers_the_model(
     torch.set_num_threads(1)
     train_step(slam, global_batch(BIG["vocab_size"]), 1)
     slam.save_pretrained(tmp_path / "single")
-    fsdp = load_file(str(worker_out / "fsdp_adapter" / "adapter_model.safetensors"))
-    single = load_file(str(tmp_path / "single" / "adapter_model.safetensors"))
+    fsdp = load_file(str(worker_out / "fsdp_adapter" / "layerselect_deltas.safetensors"))
+    single = load_file(str(tmp_path / "single" / "layerselect_deltas.safetensors"))
     assert set(fsdp) == set(single) == set(slam.target_names)
     for name in single:
         rel = float((fsdp[name] - single[name]).norm() / single[name].norm())
@@ -153,7 +153,7 @@ def test_fsdp2_adapter_equals_single_process_and_saving_never_gathers_the_model(
             if name in trained:
                 param.copy_(trained[name])
     slam.save_pretrained(tmp_path / "same")
-    for f in ("adapter_model.safetensors", "adapter_config.json"):
+    for f in ("layerselect_deltas.safetensors", "layerselect_adapter.json"):
         assert (tmp_path / "same" / f).read_bytes() == (worker_out / "fsdp_adapter" / f).read_bytes(), f
 
 
