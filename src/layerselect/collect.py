@@ -228,8 +228,7 @@ def collect_stats(
 
     base_dtype = next(unwrap_model(model).parameters()).dtype
     total_tokens = sum(len(samples[s].ids) for b in my_batches for s in b)
-    bar = progress_bar(total=total_tokens, unit="tok", unit_scale=True, desc="collect",
-                       disable=not progress or rank != 0)
+    bar = progress_bar(total=total_tokens, unit="tok", desc="collect", disable=not progress or rank != 0)
     started = time.time()
     was_training = model.training
     model.eval()
