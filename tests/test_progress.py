@@ -61,6 +61,19 @@ def test_off_a_terminal_each_refresh_is_its_own_distinct_line(monkeypatch):
     )
 
 
+def test_off_a_terminal_lines_are_at_least_an_interval_apart(monkeypatch):
+    import time
+
+    monkeypatch.setattr(prog, "PLAIN_INTERVAL", 0.3)
+    log = io.StringIO()
+    start = time.monotonic()
+    for _ in progress(range(20), desc="slow", file=log):
+        time.sleep(0.05)
+    elapsed = time.monotonic() - start
+    lines = log.getvalue().splitlines()
+    assert 3 <= len(lines) <= elapsed / 0.3 + 2, (elapsed, lines)
+
+
 def test_on_a_terminal_the_bar_updates_in_place():
     term = _Terminal()
     for _ in progress(range(10), desc="work", file=term):
@@ -92,6 +105,19 @@ def test_train_slam_logs_numbers_on_stderr_and_nothing_on_stdout(tmp_path, capsy
     assert [float(r[2]) for r in rows] == pytest.approx([x["learning_rate"] for x in logged], rel=1e-2)
     assert re.search(r"^trained 4 steps in \d+\.\ds  mean loss \d+\.\d{4}$", err, re.M)
     assert 1 <= sum(x.startswith("train:") for x in err.splitlines()) <= 3  # the step bar, sparse
+
+
+def test_a_caller_who_asks_for_hf_progress_gets_it(tmp_path, capsys):
+    from transformers import ProgressCallback
+
+    from layerselect.train import TrainerLogCallback
+
+    _, trainer = train_slam(tiny_model("llama", dtype=torch.float32), tiny_tokenizer(), _pairs(4),
+                            SelectiveFFNConfig(layers=[1]), output_dir=tmp_path, max_steps=1,
+                            per_device_train_batch_size=4, save_strategy="no", use_cpu=True,
+                            callbacks=[ProgressCallback], return_trainer=True)
+    kinds = [type(c) for c in trainer.callback_handler.callbacks]
+    assert ProgressCallback in kinds and TrainerLogCallback not in kinds
 
 
 def test_translation_loss_bar_is_optional_and_changes_nothing(capsys):

@@ -95,7 +95,10 @@ def progress(
     stream = file if file is not None else sys.stderr
     if not disable and not is_tty(stream):
         kwargs.setdefault("mininterval", PLAIN_INTERVAL)
-        kwargs.setdefault("maxinterval", max(PLAIN_INTERVAL, kwargs["mininterval"]))
+        # Every update checks the clock (no dynamic miniters) and tqdm's monitor thread,
+        # which would refresh between updates, stays out: at most one line per interval.
+        kwargs.setdefault("miniters", 1)
+        kwargs.setdefault("maxinterval", math.inf)
         kwargs.setdefault("ncols", 100)
         kwargs.setdefault("ascii", True)
         stream = _PlainLines(stream)  # type: ignore[assignment]

@@ -546,7 +546,9 @@ def train_slam(
         slam_model=slam,
         label_only=label_only,
     )
-    if not any(isinstance(c, (ProgressCallback, PrinterCallback)) for c in callbacks or []):
+    hf_printers = (ProgressCallback, PrinterCallback)
+    if not any(issubclass(c, hf_printers) if isinstance(c, type) else isinstance(c, hf_printers)
+               for c in callbacks or []):
         # Our log lines (numbers, stderr, plain lines in log files) instead of HF's dicts.
         trainer.remove_callback(ProgressCallback)
         trainer.remove_callback(PrinterCallback)
