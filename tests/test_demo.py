@@ -21,6 +21,7 @@ def test_demo_pipeline_on_gemma(tmp_path):
     summary = run_demo(out=tmp_path, steps=2, batch_size=2, progress=False)
     assert summary == json.loads((tmp_path / "summary.json").read_text())
     assert summary["reload_bitwise_equal"] is True
+    assert not list((tmp_path / "train").glob("checkpoint-*"))  # no optimizer state unless asked
 
     # Selection: the paper's rule on the packaged prompts, saved and reloadable.
     sel = Selection.load(tmp_path / "selection.json")

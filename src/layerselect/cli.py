@@ -3,6 +3,11 @@
 Each subcommand lives in :mod:`layerselect.commands` as a module with a
 ``register(subparsers)`` function, so a step's CLI sits next to nothing but
 itself. Errors the library raises on purpose print as one line and exit 2.
+
+Output: a command's result goes to stdout; our progress bars go to stderr (plain
+lines when stderr is not a terminal). The bars and info logs of transformers,
+datasets and huggingface_hub are off unless ``--verbose`` is given (before or after
+the command name).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from ._progress import quiet_libraries
 from .errors import LayerSelectError
 
 #: Pipeline order; modules that are not installed are skipped.
@@ -25,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Selective language alignment: analyse, select, train and evaluate FFN layers.",
     )
     parser.add_argument("--version", action="version", version=f"layerselect {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show the libraries' own progress bars and info logs (transformers, datasets)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         try:
@@ -35,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    for command in sub.choices.values():  # `layerselect demo --verbose` works as well
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="also show the libraries' own progress bars and info logs")
     return parser
 
 
@@ -42,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with quiet_libraries(quiet=not args.verbose):
+            return int(args.func(args) or 0)
     except LayerSelectError as exc:
         print(f"layerselect {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from ._progress import progress as progress_bar
 from .arch import get_adapter, unwrap_model
 from .distributed import is_sharded
 from .errors import InvalidInputError, NumericalError
@@ -125,7 +125,7 @@ def collect_stats(
         padding_side: ``"right"`` (default) or ``"left"`` (position ids come from the
             mask and pad rows are zeroed so they cannot leak NaN into real tokens).
         per_sample_counts: also keep ``sample_counts[s, l, n]`` (large: S x L x N).
-        progress: show a tqdm bar (rank 0 only).
+        progress: show a bar on stderr (rank 0 only; plain lines when not a terminal).
         model_name: recorded in the metadata (default: the model's ``name_or_path``).
 
     Under ``torch.distributed`` each rank takes every world_size-th batch of texts and
@@ -228,7 +228,7 @@ def collect_stats(
 
     base_dtype = next(unwrap_model(model).parameters()).dtype
     total_tokens = sum(len(samples[s].ids) for b in my_batches for s in b)
-    bar = tqdm(total=total_tokens, unit="tok", desc="collect", disable=not progress or rank != 0)
+    bar = progress_bar(total=total_tokens, unit="tok", desc="collect", disable=not progress or rank != 0)
     started = time.time()
     was_training = model.training
     model.eval()

@@ -7,9 +7,14 @@ X->English pairs, save the delta adapter, reload it onto a fresh base and
 verify the weights match, then compare the overlap with English in the
 selected layers before and after training.
 
+Files go to :func:`default_demo_dir` (``~/.cache/layerselect/demo``, or
+``$LAYERSELECT_CACHE/demo``) unless ``out`` is given, never into the clone; no
+optimizer state is kept unless ``keep_checkpoints=True``. Every step longer than a
+few seconds shows a progress bar on stderr.
+
 Example:
     >>> from layerselect.demo import run_demo
-    >>> summary = run_demo(out="layerselect-demo", steps=20)   # doctest: +SKIP
+    >>> summary = run_demo(out="/tmp/layerselect-demo", steps=20)   # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -23,9 +28,9 @@ from typing import Any
 import torch
 
 from .errors import LayerSelectError
-from .models import DEFAULT_MODEL, load_model
+from .models import DEFAULT_MODEL, cache_dir, load_model
 
-__all__ = ["load_demo_prompts", "run_demo"]
+__all__ = ["default_demo_dir", "load_demo_prompts", "run_demo"]
 
 DEMO_LANGS = ("en", "de", "fr", "es", "ru", "zh", "ja", "sw")
 
@@ -36,23 +41,32 @@ def load_demo_prompts() -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def default_demo_dir() -> Path:
+    """Where the demo writes by default: ``demo/`` in the layerselect cache (outside any clone)."""
+    return cache_dir() / "demo"
+
+
 def _say(step: int, total: int, msg: str) -> None:
     print(f"\n[{step}/{total}] {msg}", flush=True)
 
 
 def run_demo(
     model: str = DEFAULT_MODEL,
-    out: str | Path = "layerselect-demo",
+    out: str | Path | None = None,
     steps: int = 30,
     learning_rate: float = 1e-4,
     batch_size: int = 4,
     seed: int = 0,
     progress: bool = True,
+    keep_checkpoints: bool = False,
 ) -> dict[str, Any]:
     """Run the pipeline end to end and return a summary dict (also written to ``OUT/summary.json``).
 
     ``steps`` optimizer steps at ``learning_rate`` (higher than the paper's 2e-5 so a
     short demo moves the weights visibly; real runs should use the paper's defaults).
+    ``out`` defaults to :func:`default_demo_dir`; ``keep_checkpoints`` also writes the
+    Trainer's final ``train/checkpoint-N/`` (optimizer state included, about 2x the
+    adapter); by default only the adapter, the loss log and the statistics are written.
     """
     from .criteria import select
     from .data import TranslationExample
@@ -60,10 +74,11 @@ def run_demo(
     from .stats import ActivationStats
     from .train import train_slam, translation_loss
 
-    out = Path(out)
+    out = Path(out) if out is not None else default_demo_dir()
     out.mkdir(parents=True, exist_ok=True)
     total, started = 6, time.time()
     torch.manual_seed(seed)
+    print(f"layerselect demo: writing to {out}", flush=True)
 
     _say(1, total, f"Loading {model} (converted from GGUF and cached on first use)")
     base, tokenizer = load_model(model)
@@ -83,7 +98,8 @@ def run_demo(
     _say(4, total, f"Training only the FFN (up_proj, down_proj) of layers {selection.layers} for {steps} steps")
     pairs = [TranslationExample(lang, p[lang], p["en"]) for p in prompts for lang in DEMO_LANGS if lang != "en"]
     config = SelectiveFFNConfig(layers=selection, base_model_name_or_path=model)
-    loss_before = translation_loss(base, tokenizer, pairs, batch_size=4)
+    loss_before = translation_loss(base, tokenizer, pairs, batch_size=4, progress=progress,
+                                   desc="translation loss before")
     adapter_dir = train_slam(
         base,
         tokenizer,
@@ -98,9 +114,11 @@ def run_demo(
         logging_steps=max(1, steps // 10),
         seed=seed,
         disable_tqdm=not progress,
+        save_strategy="steps" if keep_checkpoints else "no",
     )
     trained = base  # train_slam trains the base model's own tensors in place
-    losses = [loss_before, translation_loss(trained, tokenizer, pairs, batch_size=4)]
+    losses = [loss_before, translation_loss(trained, tokenizer, pairs, batch_size=4, progress=progress,
+                                            desc="translation loss after")]
     print(f"translation loss on the {len(pairs)} pairs (English target tokens): "
           f"{losses[0]:.4f} -> {losses[1]:.4f}")
     print(f"adapter written to {adapter_dir}")
@@ -158,5 +176,6 @@ def run_demo(
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\nDone in {summary['seconds']:.0f}s. Files in {out}/: stats_before/, selection.json, "
-          f"train/ (adapter/, loss.png), stats_after/, summary.json")
+          f"train/ (adapter/, loss.png{', checkpoint-N/' if keep_checkpoints else ''}), stats_after/, "
+          "summary.json")
     return summary

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ._io import atomic_directory
+from ._progress import progress as progress_bar
 from .errors import InvalidInputError
 
 __all__ = ["KNOWN_MODELS", "DEFAULT_MODEL", "cache_dir", "resolve_model", "load_model"]
@@ -94,11 +95,14 @@ def _file_key(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
-def gguf_to_checkpoint(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
+def gguf_to_checkpoint(
+    gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], progress: bool = True
+) -> Path:
     """Dequantise a GGUF file into a normal safetensors checkpoint (model + tokenizer).
 
     transformers refuses ``save_pretrained`` on a GGUF-loaded model, so the weights are
-    moved into a fresh model built from the same config.
+    moved into a fresh model built from the same config. ``progress`` shows a bar over
+    the three steps (read and dequantise, rebuild, save) on stderr.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -106,18 +110,26 @@ def gguf_to_checkpoint(gguf_path: str | os.PathLike[str], out_dir: str | os.Path
     if not gguf_path.is_file():
         raise InvalidInputError(f"GGUF file {gguf_path} does not exist")
     kwargs = {"gguf_file": gguf_path.name}
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    fresh.load_state_dict(loaded.state_dict())
-    fresh.generation_config = loaded.generation_config
-    fresh.config.name_or_path = gguf_path.stem
-    with atomic_directory(out_dir, "config.json", overwrite=True, what="converted checkpoint") as tmp:
-        fresh.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    with progress_bar(total=3, desc=f"convert {gguf_path.name}", unit="step", disable=not progress) as bar:
+        bar.set_postfix_str("reading and dequantising")
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+        bar.update()
+        bar.set_postfix_str("rebuilding")
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        fresh.load_state_dict(loaded.state_dict())
+        fresh.generation_config = loaded.generation_config
+        fresh.config.name_or_path = gguf_path.stem
+        bar.update()
+        bar.set_postfix_str("saving")
+        with atomic_directory(out_dir, "config.json", overwrite=True, what="converted checkpoint") as tmp:
+            fresh.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        bar.update()
+        bar.set_postfix_str("done")
     return Path(out_dir)
 
 

@@ -44,15 +44,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
-from transformers import Trainer
+from tqdm import tqdm
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 
 from ._io import atomic_write_text
+from ._progress import format_log, format_value
+from ._progress import progress as progress_bar
 from .data import TranslationCollator, TranslationDataset, TranslationExample, examples_from_hf
 from .errors import BaseModelMismatchError, FormatError, InvalidInputError
 
@@ -63,6 +67,7 @@ __all__ = [
     "resolve_checkpoint",
     "default_training_args",
     "SLAMTrainer",
+    "TrainerLogCallback",
     "train_slam",
     "build_train_dataset",
     "save_loss_log",
@@ -376,6 +381,56 @@ class SLAMTrainer(Trainer):
             self._load_from_checkpoint(best)
 
 
+class TrainerLogCallback(TrainerCallback):
+    """Training as a :func:`~layerselect._progress.progress` bar over optimizer steps plus log lines of numbers.
+
+    Replaces ``Trainer``'s ``ProgressCallback`` / ``PrinterCallback`` (dicts of strings on
+    stdout, carriage-return streams in log files) with lines such as
+    ``step 10/30  loss 1.2345  lr 1.00e-04  grad_norm 0.5312  epoch 0.33``, written to
+    ``file`` (default: stderr) on the main process only. :func:`train_slam` installs it.
+
+    Args:
+        bar: show a step bar (the log lines are printed either way).
+        file: where to write (default: ``sys.stderr`` at print time).
+    """
+
+    def __init__(self, bar: bool = True, file: IO[str] | None = None) -> None:
+        self.bar_enabled = bar
+        self.file = file
+        self.bar: tqdm | None = None
+
+    def _stream(self) -> IO[str]:
+        return self.file if self.file is not None else sys.stderr
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero and self.bar_enabled:
+            self.bar = progress_bar(total=state.max_steps, desc="train", unit="step",
+                                initial=state.global_step, file=self._stream())
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+               **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        if "train_runtime" in logs:  # the summary Trainer logs once at the end
+            line = (f"trained {state.global_step} steps in {format_value('train_runtime', logs['train_runtime'])}"
+                    f"  mean loss {format_value('train_loss', logs.get('train_loss', float('nan')))}")
+        else:
+            line = format_log(logs, state.global_step, state.max_steps)
+        if self.bar is not None:
+            self.bar.write(line, file=self._stream())
+        else:
+            print(line, file=self._stream(), flush=True)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 # ---------------------------------------------------------------------------- loss log
 
 
@@ -491,6 +546,13 @@ def train_slam(
         slam_model=slam,
         label_only=label_only,
     )
+    hf_printers = (ProgressCallback, PrinterCallback)
+    if not any(issubclass(c, hf_printers) if isinstance(c, type) else isinstance(c, hf_printers)
+               for c in callbacks or []):
+        # Our log lines (numbers, stderr, plain lines in log files) instead of HF's dicts.
+        trainer.remove_callback(ProgressCallback)
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(TrainerLogCallback(bar=not training_args.disable_tqdm))
     if resume_from_checkpoint:
         resume_from_checkpoint = str(resolve_checkpoint(resume_from_checkpoint, out, slam))
     was_training = train_model.training
@@ -547,12 +609,16 @@ def translation_loss(
     batch_size: int = 8,
     max_length: int | None = 1024,
     label_only: bool | None = None,
+    progress: bool = False,
+    desc: str = "translation loss",
 ) -> float:
     """Mean per-token loss on the target tokens of ``data`` (pairs or a tokenized dataset).
 
     For plain-text loss, pass items with ``labels == input_ids``. Log-softmax in
     float64; the LM head runs only at target positions unless ``label_only=False``
     (or the family needs the standard path, see :mod:`layerselect.loss`).
+    ``progress`` draws a bar labelled ``desc`` on stderr (plain lines when stderr is
+    not a terminal).
     """
     from .loss import label_only_loss
 
@@ -562,12 +628,14 @@ def translation_loss(
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(ds), batch_size):
-        batch = collator([ds[j] for j in range(i, min(i + batch_size, len(ds)))])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        out = label_only_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"],
-                              label_only=label_only, dtype=torch.float64)
-        total += float(out.nll_sum.sum())
-        count += int(out.token_count.sum())
+    with progress_bar(total=len(ds), desc=desc, unit="pair", disable=not progress) as bar:
+        for i in range(0, len(ds), batch_size):
+            batch = collator([ds[j] for j in range(i, min(i + batch_size, len(ds)))])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = label_only_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"],
+                                  label_only=label_only, dtype=torch.float64)
+            total += float(out.nll_sum.sum())
+            count += int(out.token_count.sum())
+            bar.update(min(batch_size, len(ds) - i))
     model.train(was_training)
     return total / max(count, 1)

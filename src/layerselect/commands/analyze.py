@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..stats import ActivationStats
 from ..texts import load_texts
@@ -60,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     check_output_path(args.out, META_FILE, overwrite=args.overwrite, what="stats folder")
     texts = load_texts(args.data, langs=parse_langs(args.langs), limit=args.limit)
     model, tokenizer = load_model_from_args(args)
-    print(f"analyzing {sum(map(len, texts.values()))} texts in {len(texts)} languages: {', '.join(texts)}")
+    print(f"analyzing {sum(map(len, texts.values()))} texts in {len(texts)} languages: {', '.join(texts)}",
+          file=sys.stderr)
     stats = ActivationStats.collect(
         model,
         tokenizer,

@@ -15,14 +15,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "save and reload the adapter, and compare overlap with English before/after.",
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"one of {', '.join(KNOWN_MODELS)} or a checkpoint dir")
-    p.add_argument("--out", default="layerselect-demo", help="output directory (default: ./layerselect-demo)")
+    p.add_argument("--out", default=None,
+                   help="output directory (default: ~/.cache/layerselect/demo, or $LAYERSELECT_CACHE/demo)")
     p.add_argument("--steps", type=int, default=30, help="training steps (default: 30)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="also keep the Trainer's final checkpoint (optimizer state; about 2x the adapter)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..demo import run_demo
 
-    run_demo(model=args.model, out=args.out, steps=args.steps, progress=not args.no_progress)
+    run_demo(model=args.model, out=args.out, steps=args.steps, progress=not args.no_progress,
+             keep_checkpoints=args.keep_checkpoints)
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -88,13 +89,18 @@ def _resolve_layers(args: argparse.Namespace, model: Any, tokenizer: Any, out: P
     texts = load_texts(args.analysis_data, limit=args.analysis_limit)
     if "en" not in texts:
         raise InvalidInputError(f"--analysis-data needs English ('en') texts as the reference; found {sorted(texts)}")
-    print(f"[1/3] analyzing {sum(map(len, texts.values()))} texts in {len(texts)} languages ...", flush=True)
+    _status(f"[1/3] analyzing {sum(map(len, texts.values()))} texts in {len(texts)} languages ...")
     stats = ActivationStats.collect(model, tokenizer, texts, model_name=args.model)
     stats.save(out / "stats")
     selection = select(stats, criterion=args.criterion, model=model)  # weight criteria (snr) read the model
     selection.save(out / "selection.json")
-    print(f"      selected layers {list(selection.layers)} ({args.criterion}): {selection.reason}", flush=True)
+    _status(f"      selected layers {list(selection.layers)} ({args.criterion}): {selection.reason}")
     return adapter.check_layers([int(x) for x in selection.layers]), selection
+
+
+def _status(msg: str) -> None:
+    """A progress line: stderr, so that stdout holds only the summary."""
+    print(msg, file=sys.stderr, flush=True)
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -146,9 +152,9 @@ def run(args: argparse.Namespace) -> int:
         pairs = kept
     if not args.no_filter:
         pairs, report = filter_examples(pairs)
-        print(f"quality filter: {report}", flush=True)
+        _status(f"quality filter: {report}")
     langs = sorted({p.lang for p in pairs})
-    print(f"training pairs: {len(pairs)} in {len(langs)} languages ({', '.join(langs)})", flush=True)
+    _status(f"training pairs: {len(pairs)} in {len(langs)} languages ({', '.join(langs)})")
 
     model, tokenizer = load_model_from_args(args)
     out.mkdir(parents=True, exist_ok=True)
@@ -159,8 +165,6 @@ def run(args: argparse.Namespace) -> int:
         base_model_name_or_path=args.model,
     )
     slam = get_slam_model(model, config)
-    if hasattr(slam, "print_trainable_parameters"):
-        slam.print_trainable_parameters()
     overrides: dict[str, Any] = dict(
         learning_rate=args.lr, num_train_epochs=args.epochs, max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size, save_steps=args.save_steps, seed=args.seed,
@@ -170,16 +174,18 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cpu":
         overrides["use_cpu"] = True
     training_args = default_training_args(out, **overrides)
-    before = translation_loss(model, tokenizer, heldout, max_length=args.max_length) if heldout else None
-    print(f"[2/3] training layers {layers} (effective batch "
-          f"{training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size}"
-          f", lr {training_args.learning_rate}) ...", flush=True)
+    before = (translation_loss(model, tokenizer, heldout, max_length=args.max_length, progress=True,
+                               desc="held-out loss before") if heldout else None)
+    _status(f"[2/3] training layers {layers} (effective batch "
+            f"{training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size}"
+            f", lr {training_args.learning_rate:.2e}) ...")
     resume: bool | str | None = True if args.resume == "latest" else args.resume
     adapter_dir = train_slam(slam, tokenizer, pairs, None, training_args, output_dir=out,
                              max_length=args.max_length, resume_from_checkpoint=resume)
     summary = json.loads((out / "train_summary.json").read_text(encoding="utf-8"))
     if heldout:
-        after = translation_loss(model, tokenizer, heldout, max_length=args.max_length)
+        after = translation_loss(model, tokenizer, heldout, max_length=args.max_length, progress=True,
+                                 desc="held-out loss after")
         summary.update(heldout_pairs=len(heldout), heldout_loss_before=before, heldout_loss_after=after)
         atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=1) + "\n")
     print("[3/3] done")

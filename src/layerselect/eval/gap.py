@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._progress import progress as progress_bar
 from ..errors import FormatError, InvalidInputError
 from .generate import PROMPT_TEMPLATE, build_prompt
 
@@ -159,6 +159,7 @@ def _score(
     counts = np.array([sum(t) for _, t in items], dtype=np.int64)
     order = sorted(range(n), key=lambda i: -len(items[i][0]))
     dev = _device(model)
+    bar = progress_bar(total=n, desc=f"gap {verbose}", unit="q", disable=not verbose)
     for b in range(0, n, batch_size):
         idx = order[b : b + batch_size]
         width = max(len(items[i][0]) for i in idx)
@@ -172,8 +173,8 @@ def _score(
             tgt[r, :L] = torch.tensor(items[i][1])
         res = target_nll(model, ids.to(dev), mask.to(dev), tgt.to(dev))
         sums[idx] = res.numpy()
-        if verbose:
-            print(f"[gap] {verbose}: {min(b + batch_size, n)}/{n}", file=sys.stderr)
+        bar.update(len(idx))
+    bar.close()
     return sums, counts
 
 
@@ -207,7 +208,7 @@ def reasoning_gap(
         prompt: inference template with ``{query}`` (default: the paper's Table 8 prompt).
         bootstrap: resamples of the questions for the 95% intervals (0: no intervals).
         seed: the bootstrap's random seed.
-        verbose: progress on stderr.
+        verbose: a progress bar per language on stderr.
 
     Returns:
         ``{"langs", "reference", "n_questions", "nll": {lang}, "tokens": {lang},

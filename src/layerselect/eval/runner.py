@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from .._io import atomic_write_text, write_json
+from .._progress import progress as progress_bar
 from ..errors import FormatError, InvalidInputError
 from .generate import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -233,7 +234,7 @@ def evaluate(
         model_name: recorded in ``run.json``; a resume with another name is refused.
         reference: the language PCR is measured against.
         overwrite: discard existing generations in ``out_dir`` for these languages.
-        verbose: progress and the table on stderr/stdout.
+        verbose: a progress bar per language on stderr, the table on stdout.
         vllm_kwargs: extra ``vllm.LLM`` arguments.
 
     Returns:
@@ -309,13 +310,12 @@ def evaluate(
             path.unlink()
         done = {str(r["id"]): r for r in read_records(path)} if path is not None else {}
         todo = [e for e in exs if e.id not in done]
-        if verbose:
-            print(f"[eval] {task.name} {lang}: {len(exs) - len(todo)}/{len(exs)} done, "
-                  f"generating {len(todo)}", file=sys.stderr)
         # Longest prompts first: batches of similar length waste less padding.
         todo.sort(key=lambda e: -len(task.format_query(e)))
         step = batch_size if backend == "transformers" or custom else max(batch_size, 256)
         fh = open(path, "a", encoding="utf-8") if path is not None else None  # noqa: SIM115
+        bar = progress_bar(total=len(exs), initial=len(exs) - len(todo), desc=f"eval {task.name} {lang}",
+                           unit="q", disable=not verbose)
         try:
             for i in range(0, len(todo), step):
                 chunk = todo[i : i + step]
@@ -330,10 +330,9 @@ def evaluate(
                 if fh is not None:
                     fh.flush()
                     os.fsync(fh.fileno())
-                if verbose:
-                    print(f"[eval] {task.name} {lang}: {len(exs) - len(todo) + i + len(chunk)}/{len(exs)}",
-                          file=sys.stderr)
+                bar.update(len(chunk))
         finally:
+            bar.close()
             if fh is not None:
                 fh.close()
         ordered = [done[e.id] for e in exs]

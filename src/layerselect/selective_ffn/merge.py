@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from .._io import atomic_directory, check_output_path, contained_file, write_json
+from .._progress import progress as progress_bar
 from ..errors import BaseModelMismatchError, FormatError, InvalidInputError
 from .io import (
     ST_DTYPES,
@@ -174,8 +175,12 @@ def _write_shard(
     transform: Callable[[str, torch.Tensor], torch.Tensor],
     targets: set[str],
     cast: torch.dtype | None,
+    advance: Callable[[int], Any] = lambda n: None,
 ) -> int:
-    """Copy one shard tensor by tensor, transforming ``targets`` (and casting floats if asked)."""
+    """Copy one shard tensor by tensor, transforming ``targets`` (and casting floats if asked).
+
+    ``advance(n)`` is called with the bytes of each source tensor once it is written.
+    """
     names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
     out_header: dict[str, Any] = {}
     if header.get("__metadata__") is not None:
@@ -205,6 +210,7 @@ def _write_shard(
                     t = transform(name, t)
                 fout.write(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
                 del t
+                advance(e - b)
             else:
                 fin.seek(start + b)
                 left = e - b
@@ -214,6 +220,7 @@ def _write_shard(
                         raise FormatError(f"{src} is truncated")
                     fout.write(block)
                     left -= len(block)
+                    advance(len(block))
     return offset
 
 
@@ -226,6 +233,7 @@ def merge_checkpoint(
     strict: bool = True,
     dtype: torch.dtype | str | None = None,
     overwrite: bool = False,
+    progress: bool = True,
 ) -> Path:
     """Merge an adapter into a safetensors checkpoint, streaming tensor by tensor.
 
@@ -243,6 +251,8 @@ def merge_checkpoint(
             keep the checkpoint's dtypes.
         overwrite: replace an ``out_dir`` that holds something other than an
             earlier merge (an earlier merge is always replaced whole).
+        progress: a bar over the bytes of the shards on stderr (plain lines when
+            stderr is not a terminal).
 
     Everything is validated before anything is written; the output folder is
     built next to ``out_dir`` and swapped in whole at the end.
@@ -286,12 +296,17 @@ def merge_checkpoint(
     if not set(adapter.tensors) <= set(weight_map):
         raise BaseModelMismatchError(f"checkpoint {base_dir} lacks {sorted(set(adapter.tensors) - set(weight_map))}")
 
-    with atomic_directory(out_dir, _PROVENANCE, overwrite=overwrite, what="merge output") as tmp:
+    size = sum((base_dir / s).stat().st_size - headers[s][1] for s in shards)
+    with (
+        atomic_directory(out_dir, _PROVENANCE, overwrite=overwrite, what="merge output") as tmp,
+        progress_bar(total=size, desc="merge", unit="B", unit_scale=True, unit_divisor=1024,
+                     disable=not progress) as bar,
+    ):
         total = 0
         for shard in shards:
             header, start = headers[shard]
             total += _write_shard(base_dir / shard, tmp / shard, header, start, transform,
-                                  targets_by_shard.get(shard, set()), cast)
+                                  targets_by_shard.get(shard, set()), cast, bar.update)
         for f in base_dir.iterdir():
             if f.is_file() and f.name not in shards and f.name != _INDEX and not f.name.startswith("."):
                 shutil.copy2(f, tmp / f.name)
