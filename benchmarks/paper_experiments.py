@@ -206,7 +206,7 @@ def measure(model: Any, tokenizer: Any, data: dict[str, Any], args: argparse.Nam
 def run_spec(name: str, model: Any, msd_layers: list[int]) -> dict[str, Any]:
     """What a run trains: ``{"kind": "selective"|"lora"|"full"|"none", "layers", "targets"}``."""
     from layerselect.arch import get_adapter
-    from layerselect.criteria import select
+    from layerselect.selection import select
 
     n_layers = get_adapter(model).num_layers
     k = len(msd_layers)
@@ -292,7 +292,7 @@ def train(model: Any, features: Sequence[dict[str, list[int]]], pad_id: int, arg
 
 def base_selection(stats: Any) -> dict[str, Any]:
     """The paper's msd rule on the base model's statistics."""
-    from layerselect.criteria import select
+    from layerselect.selection import select
 
     sel = select(stats, "msd", reference="en")
     return {"layers": list(sel.layers), "reason": sel.explain()}

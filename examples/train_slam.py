@@ -40,7 +40,7 @@ def main() -> None:
     if args.layers:
         layers = [int(x) for x in args.layers.split(",")]
     else:
-        from layerselect.criteria import select
+        from layerselect.selection import select
         from layerselect.stats import ActivationStats
 
         texts = load_texts(f"mgsm:{data_dir / 'mgsm'}", limit=50)

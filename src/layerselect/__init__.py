@@ -13,16 +13,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .criteria import (
-    Selection,
-    Stability,
-    get_criterion,
-    layer_scores,
-    list_criteria,
-    register_criterion,
-    select,
-    stability,
-)
 from .errors import (
     BaseModelMismatchError,
     FormatError,
@@ -33,6 +23,16 @@ from .errors import (
     UnsupportedArchitectureError,
 )
 from .eval import evaluate
+from .selection import (
+    Selection,
+    Stability,
+    get_criterion,
+    layer_scores,
+    list_criteria,
+    register_criterion,
+    select,
+    stability,
+)
 from .selective_ffn import (
     SelectiveFFNConfig,
     SelectiveFFNModel,

@@ -5,6 +5,11 @@ scratch sibling and swapped in at the end (:func:`atomic_directory`), a single
 file is written to a temporary sibling and renamed (:func:`atomic_write_text`).
 Readers resolve names found *inside* files only as plain names inside the
 file's own folder (:func:`contained_file`).
+
+JSON goes through one set of helpers: :func:`jsonable` (values to what a JSON
+round trip gives back), :func:`write_json` / :func:`read_json`, :func:`iter_jsonl`,
+and :func:`check_format_version` for every reader of a versioned layerselect file
+(statistics, selections, adapters).
 """
 
 from __future__ import annotations
@@ -13,12 +18,13 @@ import contextlib
 import ctypes
 import ctypes.util
 import json
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .errors import FormatError, InvalidInputError
 
@@ -26,10 +32,13 @@ __all__ = [
     "atomic_directory",
     "atomic_files",
     "atomic_write_text",
+    "check_format_version",
     "check_output_path",
     "contained_file",
     "iter_jsonl",
     "iter_text_lines",
+    "jsonable",
+    "read_json",
     "read_text",
     "write_json",
 ]
@@ -302,3 +311,87 @@ def read_text(path: str | os.PathLike[str]) -> str:
 def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike[str], what: str = "the file") -> Any:
+    """Parse a UTF-8 JSON file; invalid JSON or text raises :class:`FormatError` naming the file.
+
+    Example:
+        >>> read_json("stats/stats.json", "the statistics")     # doctest: +SKIP
+        {'format_version': 2, ...}
+    """
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{path} is not valid JSON ({exc}); {what} is corrupt") from None
+
+
+def jsonable(obj: Any, *, nonfinite: Literal["keep", "str"] = "keep") -> Any:
+    """``obj`` as what a JSON round trip gives back: plain dicts (string keys), lists, scalars.
+
+    Tensors, numpy arrays and numpy scalars become lists / Python numbers (their
+    ``tolist()``), tuples become lists, functions their ``__name__``, anything
+    else its ``repr``. Non-finite floats stay floats with ``nonfinite="keep"``
+    (Python's ``json`` writes and reads them as ``NaN`` / ``Infinity``; used for
+    selection files, whose values stay numbers in memory) or become the strings
+    ``"nan"``, ``"inf"``, ``"-inf"`` with ``nonfinite="str"`` (strict JSON, for
+    files that other tools parse, such as the adapter config).
+
+    Example:
+        >>> import torch
+        >>> jsonable({1: (torch.tensor([0.5]), float("nan"))}, nonfinite="str")
+        {'1': [[0.5], 'nan']}
+    """
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v, nonfinite=nonfinite) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v, nonfinite=nonfinite) for v in obj]
+    if not isinstance(obj, (str, bytes)) and callable(getattr(obj, "tolist", None)):
+        return jsonable(obj.tolist(), nonfinite=nonfinite)  # torch / numpy values
+    if isinstance(obj, float) and nonfinite == "str" and not math.isfinite(obj):
+        return str(obj)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if callable(obj):
+        return getattr(obj, "__name__", repr(obj))
+    return repr(obj)
+
+
+def check_format_version(
+    found: Any,
+    supported: int,
+    what: str,
+    *,
+    where: str | os.PathLike[str] | None = None,
+    written_by: str | None = None,
+) -> int:
+    """The ``format_version`` read from a file, checked: a positive integer up to ``supported``.
+
+    ``what`` names the format ("stats", "selection", "adapter"), ``where`` the file
+    or folder (for the message) and ``written_by`` the library version recorded in
+    it. A missing or non-integer version, or one newer than this library reads,
+    raises :class:`FormatError`.
+
+    Example:
+        >>> check_format_version(2, 2, "stats")
+        2
+        >>> check_format_version(3, 2, "stats", where="runs/stats")   # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        layerselect.errors.FormatError: runs/stats uses stats format version 3, newer than ...
+    """
+    if isinstance(found, bool) or not isinstance(found, int) or found < 1:
+        place = f"{where}" if where is not None else f"the {what} file"
+        raise FormatError(
+            f"{place} has no integer format_version (found {found!r}); it was not written by layerselect"
+        )
+    if found > supported:
+        head = f"{where} uses {what} format version {found}" if where is not None else (
+            f"{what} format version {found}"
+        )
+        if written_by:
+            head += f" (written by layerselect {written_by})"
+        raise FormatError(
+            f"{head}, newer than this layerselect reads (versions up to {supported}). "
+            "Upgrade layerselect to read it (pip install --upgrade layerselect)."
+        )
+    return found

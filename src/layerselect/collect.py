@@ -1,20 +1,21 @@
 """The streaming collector behind :meth:`ActivationStats.collect` (the hot path).
 
-One forward pass per batch; a forward hook on each requested layer's activation
-module turns ``f(gate(x))`` into per-sample per-neuron firing counts with one
-comparison and one batched mat-vec against the attention mask (padding never
-counts, and no ``[tokens, neurons]`` tensor is kept). The forward stops after
-the last requested layer, so upper layers and the LM head never run. Memory is
-independent of the number of texts: accumulators are ``[layers, groups,
-neurons]`` plus a few numbers per sample.
+:func:`collect_stats` reads as: tokenize each text alone, sort by length and
+batch, run each batch under a :class:`~layerselect.trace.FiringTrace` (the
+counting hooks; the forward stops after the last requested layer, so upper
+layers and the LM head never run), then reduce the accumulators into an
+:class:`ActivationStats`. Memory is independent of the number of texts:
+accumulators are ``[layers, groups, neurons]`` plus a few numbers per sample.
+NaN/inf activations on real tokens are checked once per batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,12 +27,9 @@ from .arch import get_adapter, unwrap_model
 from .distributed import is_sharded
 from .errors import InvalidInputError, NumericalError
 from .stats import DEFINITIONS_VERSION, ActivationStats
+from .trace import FiringTrace
 
 __all__ = ["collect_stats", "check_materialized"]
-
-
-class _StopForward(Exception):
-    """Raised by a hook once the last requested layer has run."""
 
 
 @dataclass
@@ -92,6 +90,29 @@ def _warn_if_too_long(model: nn.Module, samples: Sequence[_Sample]) -> None:
         )
 
 
+def _pad(seqs: Sequence[list[int]], pad_id: int, padding_side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` (``[B, T]`` long, CPU) for token lists padded on ``padding_side``."""
+    width = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, x in enumerate(seqs):
+        sl = slice(width - len(x), width) if padding_side == "left" else slice(0, len(x))
+        ids[row, sl] = torch.tensor(x)
+        mask[row, sl] = 1
+    return ids, mask
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` for the block; the training flag is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def _dist_info() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -130,13 +151,13 @@ def collect_stats(
 
     Under ``torch.distributed`` each rank takes every world_size-th batch of texts and
     the counts are all-reduced, so every rank returns the same statistics.
+
+    Example:
+        >>> stats = collect_stats(model, tokenizer, {"en": ["Hello."], "de": ["Hallo."]},   # doctest: +SKIP
+        ...                       layers=[0, 1, 2], progress=False)
+        >>> stats.counts.shape   # [layers, neurons, groups]                             # doctest: +SKIP
     """
-    if padding_side not in ("right", "left"):
-        raise InvalidInputError(f"padding_side must be 'right' or 'left', not {padding_side!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InvalidInputError(f"batch_size must be a positive integer, not {batch_size!r}")
-    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
-        raise InvalidInputError(f"max_length must be a positive integer or None, not {max_length!r}")
+    _check_options(padding_side, batch_size, max_length)
     check_materialized(model)
     adapter = get_adapter(model)
     layer_ids = adapter.check_layers(list(layers) if layers is not None else range(adapter.num_layers))
@@ -149,136 +170,50 @@ def collect_stats(
     num_neurons = adapter.intermediate_size
     rank, world = _dist_info()
 
-    order = sorted(range(num_samples), key=lambda s: -len(samples[s].ids))
-    batches = [order[i : i + batch_size] for i in range(0, num_samples, batch_size)]
-    my_batches = batches[rank::world]
-    # A sharded model (FSDP2 / ZeRO-3) gathers weights inside every forward: all ranks must run
-    # the same number of forwards, so ranks with one batch fewer repeat a batch without counting it.
-    padded = my_batches
-    if world > 1 and is_sharded(model):
-        padded = my_batches + batches[: -(-len(batches) // world) - len(my_batches)]
+    my_batches, padded = _plan_batches(samples, batch_size, rank, world, sharded=world > 1 and is_sharded(model))
 
     pad_id = getattr(tokenizer, "pad_token_id", None)
     if pad_id is None:
         pad_id = getattr(tokenizer, "eos_token_id", None) or 0
     input_device = unwrap_model(model).get_input_embeddings().weight.device
-
-    # Accumulators, created lazily on the device of each layer's activations.
-    counts: dict[int, torch.Tensor] = {}
-    sample_fired: dict[int, torch.Tensor] = {}  # slot -> [S] fired neuron-token totals
     sample_counts = None
     if per_sample_counts:
         longest = max(len(s.ids) for s in samples)
         sc_dtype = torch.int16 if longest <= torch.iinfo(torch.int16).max else torch.int32
         sample_counts = torch.zeros(num_samples, len(layer_ids), num_neurons, dtype=sc_dtype)
 
-    state: dict[str, torch.Tensor] = {}
-    nonfinite: dict[int, torch.Tensor] = {}  # slot -> device flag, checked once per batch
-
-    def count_hook(slot: int):
-        def hook(_module: nn.Module, _inputs: Any, act: torch.Tensor) -> None:
-            if "skip" in state:
-                return
-            mask = state["mask"]
-            if mask.device != act.device:
-                mask = state.setdefault(f"mask@{act.device}", mask.to(act.device))
-            # fired[b, t, n] as 0/1 floats; float32 sums of 0/1 are exact below 2**24.
-            fired = (act > 0).to(torch.float32)
-            # NaN > 0 is False: without this check a numerical blow-up would read as "never fires".
-            bad = (~torch.isfinite(act)).any(dim=-1)
-            flag = nonfinite.get(slot)
-            if flag is None:
-                flag = nonfinite[slot] = torch.zeros((), dtype=torch.bool, device=act.device)
-            flag |= (bad & state["mask_bool"].to(act.device)).any()
-            per_sample = torch.bmm(mask[:, None, :], fired).squeeze(1)  # [B, N]
-            group_ids = state["group_ids"].to(act.device)
-            acc = counts.get(slot)
-            if acc is None:
-                acc = counts[slot] = torch.zeros(num_groups, num_neurons, dtype=torch.int64, device=act.device)
-            acc.index_add_(0, group_ids, per_sample.to(torch.int64))
-            # Per-sample totals stay on the device: no host sync per layer and batch.
-            fired = sample_fired.get(slot)
-            if fired is None:
-                fired = sample_fired[slot] = torch.zeros(num_samples, dtype=torch.float64, device=act.device)
-            fired.index_copy_(0, state["sample_ids"].to(act.device), per_sample.to(torch.float64).sum(dim=1))
-            if sample_counts is not None:
-                state[f"per_sample{slot}"] = per_sample
-
-        return hook
-
-    def stop_hook(*_: Any) -> None:
-        raise _StopForward
-
-    def zero_pad_rows(_module: nn.Module, _inputs: Any, output: Any) -> Any:
-        # Left padding: fully masked pad rows can turn to NaN and reach real
-        # tokens through 0 x NaN in attention; zero them after every layer.
-        keep = state["mask_bool"]
-        if isinstance(output, tuple):
-            h = output[0]
-            return (torch.where(keep.to(h.device)[..., None], h, torch.zeros((), dtype=h.dtype, device=h.device)), *output[1:])
-        return torch.where(keep.to(output.device)[..., None], output, torch.zeros((), dtype=output.dtype, device=output.device))
-
-    handles = []
-    for slot, layer in enumerate(layer_ids):
-        handles.append(adapter.ffn(layer).act.register_forward_hook(count_hook(slot)))
-    if padding_side == "left":
-        for layer in range(layer_ids[-1] + 1):
-            handles.append(adapter.layers[layer].register_forward_hook(zero_pad_rows))
-    handles.append(adapter.layers[layer_ids[-1]].register_forward_hook(stop_hook))
-
     base_dtype = next(unwrap_model(model).parameters()).dtype
     total_tokens = sum(len(samples[s].ids) for b in my_batches for s in b)
-    bar = progress_bar(total=total_tokens, unit="tok", desc="collect", disable=not progress or rank != 0)
     started = time.time()
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for step, batch in enumerate(padded):
-                seqs = [samples[s].ids for s in batch]
-                width = max(len(x) for x in seqs)
-                ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(seqs), width), dtype=torch.long)
-                for row, x in enumerate(seqs):
-                    sl = slice(width - len(x), width) if padding_side == "left" else slice(0, len(x))
-                    ids[row, sl] = torch.tensor(x)
-                    mask[row, sl] = 1
-                kwargs: dict[str, Any] = {"input_ids": ids.to(input_device), "attention_mask": mask.to(input_device)}
-                if padding_side == "left":
-                    kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(input_device)
-                state.clear()
-                state["mask"] = mask.to(input_device, torch.float32)
-                state["mask_bool"] = mask.bool().to(input_device)
-                state["group_ids"] = torch.tensor([samples[s].group for s in batch])
-                state["sample_ids"] = torch.tensor(batch)
-                if step >= len(my_batches):
-                    state["skip"] = torch.ones(())
-                try:
-                    model(**kwargs, use_cache=False)
-                except _StopForward:
-                    pass
-                if "skip" in state:
-                    continue
-                _raise_if_nonfinite(nonfinite, layer_ids, base_dtype, [samples[s] for s in batch], groups)
-                if sample_counts is not None:
-                    idx = torch.tensor(batch)
-                    for slot in range(len(layer_ids)):
-                        sample_counts[idx, slot] = state[f"per_sample{slot}"].cpu().to(sample_counts.dtype)
-                bar.update(int(mask.sum()))
-    finally:
-        for h in handles:
-            h.remove()
-        bar.close()
-        model.train(was_training)
+    trace = FiringTrace(
+        adapter, layer_ids, num_groups=num_groups, num_samples=num_samples,
+        left_padding=padding_side == "left", keep_per_sample=per_sample_counts,
+    )
+    bar = progress_bar(total=total_tokens, unit="tok", desc="collect", disable=not progress or rank != 0)
+    with _eval_mode(model), torch.inference_mode(), trace, bar:
+        for step, batch in enumerate(padded):
+            ids, mask = _pad([samples[s].ids for s in batch], pad_id, padding_side)
+            extra = {}
+            if padding_side == "left":
+                extra["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(input_device)
+            counted = step < len(my_batches)
+            trace.forward(
+                model, ids.to(input_device), mask.to(input_device),
+                group_ids=torch.tensor([samples[s].group for s in batch]), sample_ids=torch.tensor(batch),
+                count=counted, **extra,
+            )
+            if not counted:
+                continue
+            _raise_if_nonfinite(trace.nonfinite_layers(), base_dtype, [samples[s] for s in batch], groups)
+            if sample_counts is not None:
+                idx = torch.tensor(batch)
+                for slot in range(len(layer_ids)):
+                    sample_counts[idx, slot] = trace.per_sample[slot].cpu().to(sample_counts.dtype)
+            bar.update(int(mask.sum()))
 
-    count_tensor = torch.stack(
-        [counts[s].cpu() if s in counts else torch.zeros(num_groups, num_neurons, dtype=torch.int64) for s in range(len(layer_ids))]
-    ).permute(0, 2, 1).contiguous()  # [L, N, G]
+    count_tensor = trace.group_counts()  # [L, N, G]
     sample_tokens = torch.tensor([len(s.ids) for s in samples], dtype=torch.int64)
-    sample_fraction = torch.stack(
-        [sample_fired[s].cpu() if s in sample_fired else torch.zeros(num_samples, dtype=torch.float64) for s in range(len(layer_ids))],
-        dim=1,
-    ) / (sample_tokens[:, None].double() * num_neurons)
+    sample_fraction = trace.sample_fired() / (sample_tokens[:, None].double() * num_neurons)
     sample_group = torch.tensor([s.group for s in samples], dtype=torch.int64)
     sample_index = torch.tensor([s.index for s in samples], dtype=torch.int64)
     tokens = torch.zeros(num_groups, dtype=torch.int64).index_add_(0, sample_group, sample_tokens)
@@ -286,9 +221,51 @@ def collect_stats(
     if world > 1:
         count_tensor, sample_fraction, sample_counts = _all_reduce(count_tensor, sample_fraction, sample_counts)
 
+    return ActivationStats(
+        counts=count_tensor,
+        tokens=tokens,
+        groups=groups,
+        layers=layer_ids,
+        sample_fraction=sample_fraction,
+        sample_tokens=sample_tokens,
+        sample_group=sample_group,
+        sample_index=sample_index,
+        sample_counts=sample_counts,
+        meta=_run_meta(model, adapter, model_name, padding_side, batch_size, max_length, world, started),
+    )
+
+
+def _check_options(padding_side: str, batch_size: int, max_length: int | None) -> None:
+    if padding_side not in ("right", "left"):
+        raise InvalidInputError(f"padding_side must be 'right' or 'left', not {padding_side!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidInputError(f"batch_size must be a positive integer, not {batch_size!r}")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise InvalidInputError(f"max_length must be a positive integer or None, not {max_length!r}")
+
+
+def _plan_batches(
+    samples: Sequence[_Sample], batch_size: int, rank: int, world: int, *, sharded: bool
+) -> tuple[list[list[int]], list[list[int]]]:
+    """This rank's batches of sample indices (longest texts first), and the batches it runs.
+
+    A sharded model (FSDP2 / ZeRO-3) gathers weights inside every forward: all ranks must run
+    the same number of forwards, so ranks with one batch fewer repeat a batch without counting it.
+    """
+    order = sorted(range(len(samples)), key=lambda s: -len(samples[s].ids))
+    batches = [order[i : i + batch_size] for i in range(0, len(samples), batch_size)]
+    mine = batches[rank::world]
+    if not sharded:
+        return mine, mine
+    return mine, mine + batches[: -(-len(batches) // world) - len(mine)]
+
+
+def _run_meta(model: nn.Module, adapter: Any, model_name: str | None, padding_side: str, batch_size: int,
+              max_length: int | None, world: int, started: float) -> dict[str, Any]:
+    """The provenance recorded in ``ActivationStats.meta``."""
     base = unwrap_model(model)
     config = getattr(base, "config", None)
-    meta = {
+    return {
         "model_name": model_name or getattr(config, "name_or_path", None) or type(base).__name__,
         "model_type": getattr(config, "model_type", None),
         "family": adapter.family,
@@ -302,23 +279,10 @@ def collect_stats(
         "seconds": round(time.time() - started, 3),
         "run_id": uuid.uuid4().hex[:12],
     }
-    return ActivationStats(
-        counts=count_tensor,
-        tokens=tokens,
-        groups=groups,
-        layers=layer_ids,
-        sample_fraction=sample_fraction,
-        sample_tokens=sample_tokens,
-        sample_group=sample_group,
-        sample_index=sample_index,
-        sample_counts=sample_counts,
-        meta=meta,
-    )
 
 
-def _raise_if_nonfinite(flags: Mapping[int, torch.Tensor], layer_ids: Sequence[int], dtype: torch.dtype,
-                        batch: Sequence[_Sample], groups: Sequence[str]) -> None:
-    bad = [layer_ids[slot] for slot, flag in sorted(flags.items()) if bool(flag)]
+def _raise_if_nonfinite(bad: Sequence[int], dtype: torch.dtype, batch: Sequence[_Sample], groups: Sequence[str]) -> None:
+    """Refuse a batch whose activations held NaN/inf on real tokens at layers ``bad``."""
     if not bad:
         return
     where = ", ".join(sorted({f"{groups[s.group]}[{s.index}]" for s in batch})[:6])

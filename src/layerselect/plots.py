@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from .criteria import Selection
+    from .selection import Selection
 
 __all__ = [
     "plot_activation_ratio",
@@ -261,7 +261,7 @@ def plot_all(
     if has_ref:
         figs.append(("overlap", lambda: plot_overlap(stats, reference=reference, tau=tau)))
     if selection is None and has_ref:
-        from .criteria import select
+        from .selection import select
 
         selection = select(stats, "msd", reference=reference, tau=tau)
     if selection is not None:

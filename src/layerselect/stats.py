@@ -38,7 +38,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ._io import atomic_directory, write_json
+from ._io import atomic_directory, check_format_version, read_json, write_json
 from .errors import FormatError, IncompatibleStatsError, InvalidInputError
 
 __all__ = ["ActivationStats", "Overlap", "FORMAT_VERSION", "DEFINITIONS_VERSION"]
@@ -397,18 +397,14 @@ class ActivationStats:
                 f"{directory} is not an ActivationStats directory (needs {META_FILE} and "
                 f"{TENSOR_FILE}); create one with ActivationStats.save or `layerselect analyze`"
             )
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise FormatError(f"{meta_path} is not valid JSON ({exc}); the file is corrupt") from None
-        version = meta.get("format_version") if isinstance(meta, dict) else None
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise FormatError(f"{meta_path} has no format_version; it was not written by layerselect")
-        if version > FORMAT_VERSION:
-            raise FormatError(
-                f"{directory} uses stats format version {version}, newer than this layerselect "
-                f"(reads up to {FORMAT_VERSION}); upgrade layerselect"
-            )
+        meta = read_json(meta_path)
+        if not isinstance(meta, dict):
+            raise FormatError(f"{meta_path} is not a JSON object; it was not written by layerselect")
+        written_by = meta.get("library_version")
+        version = check_format_version(
+            meta.get("format_version"), FORMAT_VERSION, "stats", where=directory,
+            written_by=written_by if isinstance(written_by, str) else None,
+        )
         recorded = meta.get("tensor_sha256")
         if not isinstance(recorded, str):
             raise FormatError(f"{meta_path} records no tensor_sha256 checksum; the folder was edited or is incomplete")

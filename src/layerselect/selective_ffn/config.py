@@ -18,13 +18,13 @@ Example:
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .._io import jsonable, read_json
 from ..arch import ATTN_ROLES, ROLES, TARGET_ROLES
 from ..errors import FormatError, InvalidInputError
 
@@ -98,19 +98,9 @@ def normalize_target_modules(targets: str | Iterable[str]) -> list[str]:
     return [r for r in TARGET_ROLES if r in roles]
 
 
-def _jsonable(value: Any) -> Any:
-    """Best-effort conversion of provenance values (tensors, arrays, numpy scalars) to JSON."""
-    if hasattr(value, "tolist") and callable(value.tolist):
-        value = value.tolist()
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(value)
+def _jsonable_str(value: Any) -> Any:
+    """Provenance values as strict JSON (``adapter_config.json`` is read by other tools too)."""
+    return jsonable(value, nonfinite="str")
 
 
 def _selection_provenance(selection: Any) -> dict[str, Any]:
@@ -119,7 +109,7 @@ def _selection_provenance(selection: Any) -> dict[str, Any]:
         try:
             out = dict(to_dict())
             out.setdefault("type", type(selection).__name__)
-            return _jsonable(out)
+            return _jsonable_str(out)
         except Exception:  # fall back to attributes
             pass
     out: dict[str, Any] = {"type": type(selection).__name__}
@@ -127,7 +117,7 @@ def _selection_provenance(selection: Any) -> dict[str, Any]:
         if hasattr(selection, attr):
             value = getattr(selection, attr)
             if not callable(value):
-                out[attr] = _jsonable(value)
+                out[attr] = _jsonable_str(value)
     return out
 
 
@@ -194,7 +184,7 @@ class SelectiveFFNConfig:
         if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
             self.base_model_name_or_path = str(self.base_model_name_or_path)
         if self.selection is not None:
-            self.selection = _jsonable(self.selection)
+            self.selection = _jsonable_str(self.selection)
 
     # -- JSON round trip ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -221,10 +211,6 @@ class SelectiveFFNConfig:
         if path.is_dir():
             new, legacy = path / "layerselect_adapter.json", path / "adapter_config.json"
             path = legacy if not new.is_file() and legacy.is_file() else new
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FormatError(f"no adapter config at {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise FormatError(f"{path} is not valid JSON ({exc})") from None
-        return cls.from_dict(data)
+        if not path.is_file():
+            raise FormatError(f"no adapter config at {path}")
+        return cls.from_dict(read_json(path, "the adapter config"))

@@ -56,6 +56,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .._io import check_format_version, read_json
 from ..errors import BaseModelMismatchError, FormatError, InvalidInputError
 from .config import SelectiveFFNConfig
 
@@ -337,10 +338,7 @@ def read_adapter(path: str | os.PathLike[str], verify_checksum: bool = True) -> 
     cfg_path = directory / config_name
     if not cfg_path.is_file():
         raise FormatError(f"{directory} is not an adapter directory: {CONFIG_NAME} is missing")
-    try:
-        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{cfg_path} is not valid JSON ({exc}); the adapter is corrupt") from None
+    meta = read_json(cfg_path, "the adapter")
     if not isinstance(meta, dict):
         raise FormatError(f"{cfg_path} is not a JSON object")
     if meta.get("format") != FORMAT_NAME:
@@ -348,19 +346,15 @@ def read_adapter(path: str | os.PathLike[str], verify_checksum: bool = True) -> 
             f"{cfg_path} is not a layerselect selective-FFN adapter (format={meta.get('format')!r}, "
             f"expected {FORMAT_NAME!r}); PEFT LoRA adapters load with peft, not layerselect"
         )
-    version = meta.get("format_version")
-    if not isinstance(version, int):
-        raise FormatError(f"{cfg_path} has no integer format_version")
+    written_by = meta.get("library_version")
+    version = check_format_version(
+        meta.get("format_version"), FORMAT_VERSION, "adapter", where=directory,
+        written_by=written_by if isinstance(written_by, str) else None,
+    )
     if (version >= 2) != (names[0] == CONFIG_NAME):
         raise FormatError(
             f"{cfg_path} says format_version {version}, but format {'2+' if version >= 2 else 1} "
             f"folders name it {CONFIG_NAME if version >= 2 else LEGACY_NAMES[0]}"
-        )
-    if version > FORMAT_VERSION:
-        raise FormatError(
-            f"{directory} uses adapter format version {version}, written by layerselect "
-            f"{meta.get('library_version', '?')}; this layerselect reads versions up to {FORMAT_VERSION}. "
-            "Upgrade layerselect to load it."
         )
     try:
         config = SelectiveFFNConfig.from_dict(meta)
