@@ -191,3 +191,16 @@ def test_slam_trainer_label_only_matches_standard_with_grad_accumulation(tmp_pat
     for name, value in results[True][0].items():
         # HF's loss runs in float32 even for float64 models; the label-only path keeps float64.
         assert _rel(value, results[False][0][name]) <= 1e-6, name
+
+
+def test_slam_trainer_evaluation_with_label_only_true_takes_the_standard_path(tmp_path):
+    """Evaluation asks compute_loss for outputs: it runs the full-logits path even with label_only=True."""
+    tok = tiny_tokenizer()
+    _, trainer = train_slam(tiny_model("llama"), tok, _pairs(), SelectiveFFNConfig(layers=[1]), output_dir=tmp_path,
+                            return_trainer=True, label_only=True, eval_dataset=_pairs(4), max_steps=1,
+                            per_device_train_batch_size=4, gradient_accumulation_steps=1, save_strategy="no",
+                            eval_strategy="steps", eval_steps=1, use_cpu=True, disable_tqdm=True, report_to="none")
+    evals = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
+    assert len(evals) >= 1
+    model = trainer.model
+    assert evals[-1] == pytest.approx(translation_loss(model, tok, _pairs(4), label_only=True), rel=1e-5)

@@ -309,7 +309,7 @@ class SLAMTrainer(Trainer):
         self.slam_model = slam_model
         self.label_only = label_only
 
-    def _label_only_off(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> str | None:
+    def _label_only_off(self, model: Any, inputs: dict[str, Any]) -> str | None:
         """Why this loss computation must take the standard path (None: label-only it is)."""
         from accelerate.utils import DistributedType
 
@@ -317,8 +317,8 @@ class SLAMTrainer(Trainer):
 
         if self.label_only is False:
             return "label_only=False"
-        if return_outputs or self.label_smoother is not None or self.compute_loss_func is not None:
-            return "outputs, label smoothing or a custom compute_loss_func are requested"
+        if self.label_smoother is not None or self.compute_loss_func is not None:
+            return "label smoothing or a custom compute_loss_func is set"
         if "labels" not in inputs or "input_ids" not in inputs or set(inputs) - {"input_ids", "labels", "attention_mask"}:
             return "the batch is not plain input_ids/attention_mask/labels"
         if self.accelerator.distributed_type == DistributedType.FSDP:
@@ -338,9 +338,12 @@ class SLAMTrainer(Trainer):
         (target tokens over accumulation steps, and processes) when the model takes loss
         kwargs, else the batch mean; times the process count when tokens are averaged
         across devices. Falls back to ``Trainer.compute_loss`` (full logits) when
-        ``label_only=False`` or when the model or setup does not allow it.
+        ``label_only=False``, for evaluation (``return_outputs``), or when the model or
+        setup does not allow it.
         """
-        reason = self._label_only_off(model, inputs, return_outputs)
+        if return_outputs:  # evaluation wants the logits: the standard path, whatever label_only says
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        reason = self._label_only_off(model, inputs)
         if reason is not None:
             if self.label_only:
                 raise InvalidInputError(f"label_only=True is not possible here: {reason}")
