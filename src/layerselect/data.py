@@ -231,12 +231,33 @@ def examples_from_hf(dataset: Any) -> list[TranslationExample]:
     return [_row_to_example(row, f"row {i}") for i, row in enumerate(dataset)]
 
 
+def demo_pairs() -> list[TranslationExample]:
+    """The 140 X->English pairs bundled for the demo and quick runs (``--train-data demo``).
+
+    20 parallel questions written for this project, in 7 languages besides English
+    (de fr es ru zh ja sw), each paired with its English version.
+
+    Example:
+        >>> len(demo_pairs()), sorted({p.lang for p in demo_pairs()})[:3]
+        (140, ['de', 'es', 'fr'])
+    """
+    from .resources import demo_prompts_path
+
+    pairs = []
+    for _, row in iter_jsonl(demo_prompts_path()):
+        for lang, text in row.items():
+            if lang not in ("id", "answer", "en"):
+                pairs.append(TranslationExample(lang, text, row["en"]))
+    return pairs
+
+
 def load_translation_data(
     spec: str | os.PathLike[str] | Any,
     langs: Sequence[str] | None = None,
     max_pairs: int | None = None,
 ) -> list[TranslationExample]:
-    """Load pairs from ``pairs:DIR``, ``jsonl:FILE``, ``hf:DIR`` (``save_to_disk``), a path, or a Dataset.
+    """Load pairs from ``pairs:DIR``, ``jsonl:FILE``, ``hf:DIR`` (``save_to_disk``), a path, a Dataset,
+    or ``"demo"`` (the 140 bundled pairs, :func:`demo_pairs`).
 
     A bare path is read as a parallel folder if it is a directory holding
     ``{xx}-en`` folders, as a saved dataset if it holds ``dataset_info.json``,
@@ -245,6 +266,8 @@ def load_translation_data(
     """
     if not isinstance(spec, (str, os.PathLike)):
         examples = examples_from_hf(spec)
+    elif str(spec) == "demo" and not Path("demo").exists():
+        examples = demo_pairs()
     else:
         kind, path = split_spec(spec, ("pairs", "jsonl", "hf"))
         if not kind:

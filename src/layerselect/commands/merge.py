@@ -31,6 +31,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _cached_snapshot(model_id: str) -> str | None:
+    """The local folder of a model id already in the Hugging Face cache (never downloads)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model_id, local_files_only=True)
+    except Exception:  # not an id, or not cached: the caller reports it
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -41,8 +51,11 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     base = resolve_model(args.base, args.gguf_file)
     if not Path(base).is_dir():
+        base = _cached_snapshot(base) or base
+    if not Path(base).is_dir():
         raise InvalidInputError(
-            f"--base {args.base} is not a checkpoint folder, a .gguf file or a bundled model name"
+            f"--base {args.base} is not a checkpoint folder, a .gguf file, a bundled model name or a model "
+            "id in the local Hugging Face cache"
         )
     out = merge_checkpoint(base, args.adapter, args.out, scale=args.scale, strict=args.strict,
                            dtype=args.dtype, overwrite=args.overwrite)

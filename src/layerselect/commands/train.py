@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--criterion", default="msd", help="criterion for --layers auto (default: msd)")
     p.add_argument("--analysis-data", default=None, help="texts for --layers auto: mgsm (bundled), mgsm:DIR, txt:DIR, ...")
     p.add_argument("--analysis-limit", type=int, default=None, help="first N texts per language for --layers auto")
-    p.add_argument("--train-data", required=True, help="pairs:DIR ({xx}-en/train.{xx,en}), jsonl:FILE or hf:DIR")
+    p.add_argument("--train-data", required=True,
+                   help="pairs:DIR ({xx}-en/train.{xx,en}), jsonl:FILE, hf:DIR, or demo (140 bundled pairs)")
     p.add_argument("--langs", default=None, help="comma-separated source languages (default: all found)")
     p.add_argument("--max-pairs", type=int, default=None, help="first N pairs per language")
     p.add_argument("--holdout", type=int, default=0, help="hold out N pairs per language and report their loss")
