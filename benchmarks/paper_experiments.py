@@ -105,7 +105,11 @@ def apply_quick(args: argparse.Namespace) -> None:
 
 
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in _SETTING_KEYS}
+    out = {k: getattr(args, k) for k in _SETTING_KEYS}
+    # The data folder's name, not where this machine keeps it: results stay resumable on another checkout.
+    if out.get("train_data"):
+        out["train_data"] = Path(str(out["train_data"])).name
+    return out
 
 
 def _write_json(path: Path, obj: Any) -> None:
