@@ -400,6 +400,37 @@ def _iv(x: Any) -> str:
     return f"[{x[0]:+.3f}, {x[1]:+.3f}]" if x else "-"
 
 
+def paired_gap_delta(run: dict[str, Any], base: dict[str, Any], n_boot: int = 1000,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """``(delta, low, high)``: change of the average gap from ``base`` to ``run``, 95% paired bootstrap.
+
+    Both runs were measured on the same questions, so the questions are resampled
+    once per draw and both average gaps are recomputed on that draw (token-weighted
+    NLL per language, as :func:`layerselect.eval.reasoning_gap`): the interval of a
+    difference, not two overlapping intervals.
+    """
+    import numpy as np
+
+    def avg_gap(gap: dict[str, Any], idx: np.ndarray) -> np.ndarray:
+        ref = gap["reference"]
+        pq = gap["per_question"]
+
+        def nll(lang: str) -> np.ndarray:
+            sums, counts = np.asarray(pq[lang]["nll_sum"]), np.asarray(pq[lang]["tokens"])
+            return sums[idx].sum(axis=-1) / counts[idx].sum(axis=-1)
+
+        others = [x for x in gap["langs"] if x != ref]
+        return np.mean([nll(x) - nll(ref) for x in others], axis=0)
+
+    n = len(base["gap"]["per_question"][base["gap"]["reference"]]["nll_sum"])
+    everything = np.arange(n)[None, :]
+    delta = float(avg_gap(run["gap"], everything)[0] - avg_gap(base["gap"], everything)[0])
+    draws = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    diffs = avg_gap(run["gap"], draws) - avg_gap(base["gap"], draws)
+    low, high = np.quantile(diffs, [0.025, 0.975])
+    return delta, float(low), float(high)
+
+
 def write_table(out: str | os.PathLike[str], md_path: str | os.PathLike[str], notes: str | None = None) -> str:
     """The markdown report of every finished run in ``out`` (plus an overlap figure next to ``md_path``)."""
     runs = load_runs(out)
@@ -420,18 +451,18 @@ def write_table(out: str | os.PathLike[str], md_path: str | os.PathLike[str], no
                   f"({s['bootstrap']} bootstrap resamples); overlap statistics on {s['stats_questions']} "
                   "questions per language.", ""]
     lines += ["| run | layers | targets | trainable | s/step | peak RSS MB | held-out transl. loss | "
-              "English loss | NLL en | avg gap [95% CI] | Δ avg gap vs base |",
+              "English loss | NLL en | avg gap [95% CI] | Δ avg gap vs base [95% paired CI] |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         g = r["gap"]
-        d = g["avg_gap"] - base["gap"]["avg_gap"] if base else float("nan")
+        d, lo, hi = paired_gap_delta(r, base) if base and r is not base else (float("nan"),) * 3
         layers = "all" if r["kind"] in ("lora", "full") or len(r["layers"]) > 8 else str(r["layers"])
         step = f"{r['s_per_step']:.2f}" if "s_per_step" in r else "-"
         lines.append(
             f"| {r['run']} | {layers if r['kind'] != 'none' else '-'} | {'+'.join(r['targets']) or '-'} | "
             f"{r['trainable_params']:,} ({r['trainable_pct']:.2f}%) | {step} | {r['peak_rss_mb']:.0f} | "
             f"{r['heldout_translation_loss']:.4f} | {r['english_loss']:.4f} | {g['nll'][g['reference']]:.4f} | "
-            f"{g['avg_gap']:+.4f} {_iv(g.get('avg_gap_interval'))} | {'-' if r['run'] == 'base' else f'{d:+.4f}'} |")
+            f"{g['avg_gap']:+.4f} {_iv(g.get('avg_gap_interval'))} | {'-' if r['run'] == 'base' else f'{d:+.4f} [{lo:+.4f}, {hi:+.4f}]'} |")
     langs = [x for x in runs[0]["gap"]["langs"] if x != runs[0]["gap"]["reference"]]
     lines += ["", "Reasoning gap per language (NLL_g - NLL_en, nats per solution token; 95% bootstrap interval "
               "in the JSON):", "", "| run | " + " | ".join(langs) + " |", "|---|" + "---|" * len(langs)]

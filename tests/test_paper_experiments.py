@@ -102,3 +102,21 @@ def test_quick_runs_measure_resume_and_table(setup, capsys):
     for name in runs:
         assert f"| {name} |" in text
     assert "avg gap" in text and (root / "results_overlap.png").is_file()
+
+
+def _gap(en, de, tokens=(10, 10, 10)):
+    return {"reference": "en", "langs": ["en", "de"],
+            "per_question": {"en": {"nll_sum": list(en), "tokens": list(tokens)},
+                             "de": {"nll_sum": list(de), "tokens": list(tokens)}}}
+
+
+def test_paired_gap_delta_by_hand():
+    pe = _load_script()
+    base = {"gap": _gap([10, 20, 30], [20, 30, 40])}  # gap = (90 - 60) / 30 = 1.0
+    run = {"gap": _gap([10, 20, 30], [15, 25, 35])}   # gap = 0.5; every question moves by the same 0.5
+    delta, low, high = pe.paired_gap_delta(run, base, n_boot=200)
+    assert delta == pytest.approx(-0.5) and low == pytest.approx(-0.5) and high == pytest.approx(-0.5)
+    uneven = {"gap": _gap([10, 20, 30], [20, 22, 40])}  # only question 1 improves: (82 - 60) / 30 - 1
+    delta, low, high = pe.paired_gap_delta(uneven, base, n_boot=500)
+    assert delta == pytest.approx(22 / 30 - 1.0)
+    assert low < delta < high and low >= -0.8 - 1e-12 and high <= 0.0 + 1e-12
