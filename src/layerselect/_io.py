@@ -100,11 +100,7 @@ def atomic_directory(
     """
     target = check_output_path(target, marker, overwrite=overwrite, what=what)
     _restore_interrupted_swap(target)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    except OSError as exc:
-        raise InvalidInputError(f"cannot write {what} {target}: {exc.strerror or exc}") from None
+    scratch = _scratch_beside(target, what, create_target=False)
     try:
         yield scratch
         _finalise(scratch)
@@ -124,11 +120,7 @@ def atomic_files(target: str | os.PathLike[str], remove: tuple[str, ...] | list[
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise InvalidInputError(f"{target} is an existing file, not a folder; choose a folder path")
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    except OSError as exc:
-        raise InvalidInputError(f"cannot write {target}: {exc.strerror or exc}") from None
+    scratch = _scratch_beside(target, "output", create_target=True)
     try:
         yield scratch
         _finalise(scratch)
@@ -140,6 +132,15 @@ def atomic_files(target: str | os.PathLike[str], remove: tuple[str, ...] | list[
                 (target / name).unlink(missing_ok=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _scratch_beside(target: Path, what: str, *, create_target: bool) -> Path:
+    """A new empty folder next to ``target`` (same file system, so renames are atomic)."""
+    try:
+        (target if create_target else target.parent).mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as exc:
+        raise InvalidInputError(f"cannot write {what} {target}: {exc.strerror or exc}") from None
 
 
 def _finalise(folder: Path) -> None:
