@@ -29,7 +29,7 @@ import time
 import torch
 
 from layerselect import ActivationStats
-from layerselect.arch import get_adapter
+from layerselect.arch import get_layout
 from layerselect.models import load_model
 from layerselect.texts import PAPER_LANGS, default_data_dir, load_texts
 
@@ -59,8 +59,8 @@ def plain_forward(model, batches):
 
 def naive_collect(model, batches):
     """Keep every activation of real tokens, count at the end (the memory baseline)."""
-    adapter = get_adapter(model)
-    kept: dict[int, list[torch.Tensor]] = {i: [] for i in range(adapter.num_layers)}
+    layout = get_layout(model)
+    kept: dict[int, list[torch.Tensor]] = {i: [] for i in range(layout.num_layers)}
     current = {}
 
     def hook(i):
@@ -69,7 +69,7 @@ def naive_collect(model, batches):
 
         return fn
 
-    handles = [adapter.ffn(i).act.register_forward_hook(hook(i)) for i in range(adapter.num_layers)]
+    handles = [layout.ffn(i).act.register_forward_hook(hook(i)) for i in range(layout.num_layers)]
     with torch.inference_mode():
         for ids, mask in batches:
             current["mask"] = mask

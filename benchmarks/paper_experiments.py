@@ -209,10 +209,10 @@ def measure(model: Any, tokenizer: Any, data: dict[str, Any], args: argparse.Nam
 # ----------------------------------------------------------------------------------------- runs
 def run_spec(name: str, model: Any, msd_layers: list[int]) -> dict[str, Any]:
     """What a run trains: ``{"kind": "selective"|"lora"|"full"|"none", "layers", "targets"}``."""
-    from layerselect.arch import get_adapter
+    from layerselect.arch import get_layout
     from layerselect.selection import select
 
-    n_layers = get_adapter(model).num_layers
+    n_layers = get_layout(model).num_layers
     k = len(msd_layers)
     if name == "base":
         return {"kind": "none", "layers": [], "targets": []}

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from layerselect.arch import FAMILIES as ADAPTER_TABLE
-from layerselect.arch import get_adapter
+from layerselect.arch import get_layout
 from layerselect.errors import InvalidInputError, UnsupportedArchitectureError
 from tiny import FAMILIES, tiny_model
 
@@ -10,28 +10,28 @@ from tiny import FAMILIES, tiny_model
 @pytest.mark.parametrize("family", FAMILIES)
 def test_adapter_finds_gated_ffn(family):
     model = tiny_model(family)
-    adapter = get_adapter(model)
-    assert adapter.family == family
-    assert adapter.num_layers == 4
-    assert adapter.intermediate_size == 48
-    ffn = adapter.ffn(2)
+    layout = get_layout(model)
+    assert layout.family == family
+    assert layout.num_layers == 4
+    assert layout.intermediate_size == 48
+    ffn = layout.ffn(2)
     x = torch.randn(3, 32, dtype=torch.float64)
     # The activation module really computes f(W_gate x): compare to the MLP's output.
-    if adapter.spec.fused:
+    if layout.spec.fused:
         gate, up = ffn.gate_up(x).chunk(2, dim=-1)
     else:
         gate, up = ffn.gate(x), ffn.up(x)
     expected = ffn.down(ffn.act(gate) * up)
     torch.testing.assert_close(ffn.mlp(x), expected, rtol=0, atol=0)
-    names = adapter.parameter_names(2, ["up", "down"])
+    names = layout.parameter_names(2, ["up", "down"])
     params = dict(model.named_parameters())
     assert all(n in params for n in names)
     assert names[-1] == "model.layers.2.mlp.down_proj.weight"
 
 
 def test_fused_family_names_the_fused_matrix_once():
-    adapter = get_adapter(tiny_model("phi3"))
-    assert adapter.parameter_names(0, ["gate", "up"]) == ["model.layers.0.mlp.gate_up_proj.weight"]
+    layout = get_layout(tiny_model("phi3"))
+    assert layout.parameter_names(0, ["gate", "up"]) == ["model.layers.0.mlp.gate_up_proj.weight"]
 
 
 def test_every_required_family_has_an_entry():
@@ -42,9 +42,9 @@ def test_every_required_family_has_an_entry():
 def test_unknown_family_with_usual_names_is_inferred():
     model = tiny_model("llama")
     model.config.model_type = "my_new_llama"
-    adapter = get_adapter(model)
-    assert adapter.family == "my_new_llama (inferred)"
-    assert adapter.parameter_names(0, ["gate"]) == ["model.layers.0.mlp.gate_proj.weight"]
+    layout = get_layout(model)
+    assert layout.family == "my_new_llama (inferred)"
+    assert layout.parameter_names(0, ["gate"]) == ["model.layers.0.mlp.gate_proj.weight"]
 
 
 def test_model_without_gated_ffn_is_refused_with_what_was_found():
@@ -52,20 +52,20 @@ def test_model_without_gated_ffn_is_refused_with_what_was_found():
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50))
     with pytest.raises(UnsupportedArchitectureError, match="c_fc"):
-        get_adapter(model)
+        get_layout(model)
 
 
 def test_model_without_layers_is_refused():
     with pytest.raises(UnsupportedArchitectureError, match="decoder layers"):
-        get_adapter(torch.nn.Linear(2, 2))
+        get_layout(torch.nn.Linear(2, 2))
 
 
 def test_check_layers():
-    adapter = get_adapter(tiny_model("llama"))
-    assert adapter.check_layers([3, 0]) == [0, 3]
+    layout = get_layout(tiny_model("llama"))
+    assert layout.check_layers([3, 0]) == [0, 3]
     with pytest.raises(InvalidInputError, match="out of range.*4 decoder layers"):
-        adapter.check_layers([4])
+        layout.check_layers([4])
     with pytest.raises(InvalidInputError, match="duplicate"):
-        adapter.check_layers([1, 1])
+        layout.check_layers([1, 1])
     with pytest.raises(InvalidInputError, match="not an integer"):
-        adapter.check_layers([1.0])
+        layout.check_layers([1.0])

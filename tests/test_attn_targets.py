@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from layerselect.arch import ATTN_ROLES, TARGET_ROLES, AttnSpec, _infer_attention, get_adapter
+from layerselect.arch import ATTN_ROLES, TARGET_ROLES, AttnSpec, _infer_attention, get_layout
 from layerselect.errors import (
     BaseModelMismatchError,
     InvalidInputError,
@@ -75,8 +75,8 @@ def test_llama2_attention_parameter_counts(capsys, h, i, n, targets, trainable, 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_attention_names_in_every_family(family):
     model = tiny_model(family, dtype=torch.float32)
-    adapter = get_adapter(model)
-    names = adapter.parameter_names(2, ["q", "k", "v", "o"])
+    layout = get_layout(model)
+    names = layout.parameter_names(2, ["q", "k", "v", "o"])
     params = dict(model.named_parameters())
     assert all(n in params for n in names)
     if family == "phi3":

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from layerselect import ActivationStats
-from layerselect.arch import get_adapter
+from layerselect.arch import get_layout
 from layerselect.errors import InvalidInputError, UnsupportedArchitectureError
 from tiny import FAMILIES, tiny_model, tiny_texts, tiny_tokenizer
 
@@ -12,14 +12,14 @@ from tiny import FAMILIES, tiny_model, tiny_texts, tiny_tokenizer
 def reference_counts(model, tokenizer, texts):
     """Slow, obvious recomputation: run each text alone, capture what enters each MLP,
     and recompute f(gate(x)) token by token (no layerselect hooks involved)."""
-    adapter = get_adapter(model)
-    spec = adapter.spec
-    n_layers, n_neurons = adapter.num_layers, adapter.intermediate_size
+    layout = get_layout(model)
+    spec = layout.spec
+    n_layers, n_neurons = layout.num_layers, layout.intermediate_size
     counts = torch.zeros(n_layers, n_neurons, len(texts), dtype=torch.int64)
     fractions = []
     captured = {}
     handles = [
-        adapter.ffn(i).mlp.register_forward_pre_hook(lambda m, a, i=i: captured.__setitem__(i, a[0].detach()))
+        layout.ffn(i).mlp.register_forward_pre_hook(lambda m, a, i=i: captured.__setitem__(i, a[0].detach()))
         for i in range(n_layers)
     ]
     try:
@@ -30,7 +30,7 @@ def reference_counts(model, tokenizer, texts):
                     model(input_ids=torch.tensor([ids]))
                 per_layer = []
                 for i in range(n_layers):
-                    mlp = getattr(adapter.layers[i], spec.mlp)
+                    mlp = getattr(layout.layers[i], spec.mlp)
                     act = getattr(mlp, spec.act)
                     fired_fraction = 0.0
                     for t in range(len(ids)):
@@ -110,8 +110,8 @@ def test_layer_subset_matches_full_run_and_stops_early():
     texts = tiny_texts(3)
     full = ActivationStats.collect(model, tok, texts, progress=False)
     calls = {"layer3": 0, "head": 0}
-    adapter = get_adapter(model)
-    h1 = adapter.layers[3].register_forward_hook(lambda *a: calls.__setitem__("layer3", calls["layer3"] + 1))
+    layout = get_layout(model)
+    h1 = layout.layers[3].register_forward_hook(lambda *a: calls.__setitem__("layer3", calls["layer3"] + 1))
     h2 = model.lm_head.register_forward_hook(lambda *a: calls.__setitem__("head", calls["head"] + 1))
     try:
         part = ActivationStats.collect(model, tok, texts, layers=[2, 0], progress=False)

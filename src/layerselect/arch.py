@@ -1,4 +1,4 @@
-"""Architecture adapters: where each model family keeps its gated FFN.
+"""Architecture layouts: where each model family keeps its gated FFN.
 
 The rest of the library never names a model family. It asks this module, for a
 loaded model, for the decoder layers and, in each, the module whose output is
@@ -11,13 +11,13 @@ are handled by introspection (:func:`_infer_spec`) when their FFN uses any of
 the usual names; a model without a gated FFN gets an error naming what was found.
 
 Example:
-    >>> from layerselect.arch import get_adapter
-    >>> adapter = get_adapter(model)                     # doctest: +SKIP
-    >>> adapter.num_layers, adapter.intermediate_size    # doctest: +SKIP
+    >>> from layerselect.arch import get_layout
+    >>> layout = get_layout(model)                       # doctest: +SKIP
+    >>> layout.num_layers, layout.intermediate_size      # doctest: +SKIP
     (18, 2048)
-    >>> adapter.parameter_names(3, ["up", "down"])       # doctest: +SKIP
+    >>> layout.parameter_names(3, ["up", "down"])        # doctest: +SKIP
     ['model.layers.3.mlp.up_proj.weight', 'model.layers.3.mlp.down_proj.weight']
-    >>> adapter.parameter_names(3, ["q", "o"])           # doctest: +SKIP
+    >>> layout.parameter_names(3, ["q", "o"])            # doctest: +SKIP
     ['model.layers.3.self_attn.q_proj.weight', 'model.layers.3.self_attn.o_proj.weight']
 """
 
@@ -31,8 +31,8 @@ from torch import nn
 from .errors import InvalidInputError, UnsupportedArchitectureError
 
 __all__ = [
-    "AttnSpec", "FFNSpec", "FFN", "ModelAdapter", "FAMILIES", "ROLES", "ATTN_ROLES", "TARGET_ROLES",
-    "LMHeadSpec", "LM_HEADS", "get_adapter", "lm_head_spec", "unwrap_model",
+    "AttnSpec", "FFNSpec", "FFN", "ModelLayout", "FAMILIES", "ROLES", "ATTN_ROLES", "TARGET_ROLES",
+    "LMHeadSpec", "LM_HEADS", "get_layout", "lm_head_spec", "unwrap_model",
 ]
 
 #: Canonical names of the FFN matrices, whatever a family calls them.
@@ -224,7 +224,7 @@ class FFN:
     gate_up: nn.Linear | None = None
 
 
-class ModelAdapter:
+class ModelLayout:
     """Answers structural questions about one loaded model (see module docstring)."""
 
     def __init__(self, model: nn.Module, family: str, spec: FFNSpec, layers_path: str):
@@ -236,7 +236,7 @@ class ModelAdapter:
 
     def __repr__(self) -> str:
         return (
-            f"ModelAdapter(family={self.family!r}, layers={self.layers_path!r} x{self.num_layers}, "
+            f"ModelLayout(family={self.family!r}, layers={self.layers_path!r} x{self.num_layers}, "
             f"intermediate_size={self.intermediate_size}, fused={self.spec.fused})"
         )
 
@@ -320,7 +320,7 @@ class ModelAdapter:
         (``num_attention_heads * head_dim`` query rows, the rest split evenly between k and v).
 
         Example:
-            >>> adapter.fused_rows(0, "model.layers.0.self_attn.qkv_proj")   # doctest: +SKIP
+            >>> layout.fused_rows(0, "model.layers.0.self_attn.qkv_proj")   # doctest: +SKIP
             {'q': slice(0, 3072), 'k': slice(3072, 6144), 'v': slice(6144, 9216)}
         """
         attr = module_name.rsplit(".", 1)[-1]
@@ -432,8 +432,8 @@ def _infer_attention(layer: nn.Module, where: str) -> AttnSpec:
     )
 
 
-def get_adapter(model: nn.Module) -> ModelAdapter:
-    """Return the :class:`ModelAdapter` for a loaded transformers model (or our wrapper of one)."""
+def get_layout(model: nn.Module) -> ModelLayout:
+    """Return the :class:`ModelLayout` for a loaded transformers model (or our wrapper of one)."""
     model = unwrap_model(model)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None) or type(model).__name__
@@ -451,4 +451,4 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
         family = f"{model_type} (inferred)"
     else:
         family = model_type
-    return ModelAdapter(model, family, spec, where)
+    return ModelLayout(model, family, spec, where)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ._progress import progress as progress_bar
-from .arch import get_adapter, unwrap_model
+from .arch import get_layout, unwrap_model
 from .distributed import is_sharded
 from .errors import InvalidInputError, NumericalError
 from .stats import DEFINITIONS_VERSION, ActivationStats
@@ -159,15 +159,15 @@ def collect_stats(
     """
     _check_options(padding_side, batch_size, max_length)
     check_materialized(model)
-    adapter = get_adapter(model)
-    layer_ids = adapter.check_layers(list(layers) if layers is not None else range(adapter.num_layers))
+    layout = get_layout(model)
+    layer_ids = layout.check_layers(list(layers) if layers is not None else range(layout.num_layers))
     if not layer_ids:
         raise InvalidInputError("layers is empty; pass at least one layer index or None for all")
     groups = list(texts.keys())
     samples = _tokenize(tokenizer, texts, max_length)
     _warn_if_too_long(model, samples)
     num_samples, num_groups = len(samples), len(groups)
-    num_neurons = adapter.intermediate_size
+    num_neurons = layout.intermediate_size
     rank, world = _dist_info()
 
     my_batches, padded = _plan_batches(samples, batch_size, rank, world, sharded=world > 1 and is_sharded(model))
@@ -186,7 +186,7 @@ def collect_stats(
     total_tokens = sum(len(samples[s].ids) for b in my_batches for s in b)
     started = time.time()
     trace = FiringTrace(
-        adapter, layer_ids, num_groups=num_groups, num_samples=num_samples,
+        layout, layer_ids, num_groups=num_groups, num_samples=num_samples,
         left_padding=padding_side == "left", keep_per_sample=per_sample_counts,
     )
     bar = progress_bar(total=total_tokens, unit="tok", desc="collect", disable=not progress or rank != 0)
@@ -231,7 +231,7 @@ def collect_stats(
         sample_group=sample_group,
         sample_index=sample_index,
         sample_counts=sample_counts,
-        meta=_run_meta(model, adapter, model_name, padding_side, batch_size, max_length, world, started),
+        meta=_run_meta(model, layout, model_name, padding_side, batch_size, max_length, world, started),
     )
 
 
@@ -260,7 +260,7 @@ def _plan_batches(
     return mine, mine + batches[: -(-len(batches) // world) - len(mine)]
 
 
-def _run_meta(model: nn.Module, adapter: Any, model_name: str | None, padding_side: str, batch_size: int,
+def _run_meta(model: nn.Module, layout: Any, model_name: str | None, padding_side: str, batch_size: int,
               max_length: int | None, world: int, started: float) -> dict[str, Any]:
     """The provenance recorded in ``ActivationStats.meta``."""
     base = unwrap_model(model)
@@ -268,8 +268,8 @@ def _run_meta(model: nn.Module, adapter: Any, model_name: str | None, padding_si
     return {
         "model_name": model_name or getattr(config, "name_or_path", None) or type(base).__name__,
         "model_type": getattr(config, "model_type", None),
-        "family": adapter.family,
-        "num_model_layers": adapter.num_layers,
+        "family": layout.family,
+        "num_model_layers": layout.num_layers,
         "dtype": str(next(base.parameters()).dtype).replace("torch.", ""),
         "padding_side": padding_side,
         "batch_size": batch_size,

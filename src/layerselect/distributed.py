@@ -140,9 +140,9 @@ def trainable_parameters(slam: nn.Module) -> list[nn.Parameter]:
 
 
 def _decoder_layers(slam: Any) -> list[nn.Module]:
-    from .arch import get_adapter
+    from .arch import get_layout
 
-    return list(get_adapter(slam.base_model).layers)
+    return list(get_layout(slam.base_model).layers)
 
 
 def shard_slam_model(slam: Any, *, mesh: Any = None, reshard_after_forward: bool = True, **fsdp_kwargs: Any) -> Any:

@@ -54,10 +54,10 @@ def last_token_states(
         >>> states[0].shape, langs                                                # doctest: +SKIP
         ((1, 640), ['en'])
     """
-    from .arch import get_adapter, unwrap_model
+    from .arch import get_layout, unwrap_model
 
     base = unwrap_model(model)
-    n_layers = get_adapter(base).num_layers
+    n_layers = get_layout(base).num_layers
     layers = [int(x) for x in layers]
     bad = [x for x in layers if not 0 <= x < n_layers]
     if bad or not layers:

@@ -13,8 +13,8 @@ accumulators on the activation's own device: no host sync per layer. A NaN/inf
 flag per layer is kept on the device too; the caller reads it once per batch.
 
 Example:
-    >>> from layerselect.arch import get_adapter
-    >>> with FiringTrace(get_adapter(model), [0, 1], num_groups=2, num_samples=4) as trace:   # doctest: +SKIP
+    >>> from layerselect.arch import get_layout
+    >>> with FiringTrace(get_layout(model), [0, 1], num_groups=2, num_samples=4) as trace:   # doctest: +SKIP
     ...     trace.forward(model, ids, mask, group_ids=torch.tensor([0, 1]), sample_ids=torch.tensor([0, 1]))
     >>> trace.group_counts().shape   # [layers, neurons, groups]                               # doctest: +SKIP
     torch.Size([2, 8192, 2])
@@ -40,7 +40,7 @@ class FiringTrace:
     """Count FFN neuron firings per layer, group and sample while the ``with`` block runs.
 
     Args:
-        adapter: the model's architecture adapter (:func:`layerselect.arch.get_adapter`).
+        adapter: the model's architecture layout (:func:`layerselect.arch.get_layout`).
         layer_ids: decoder layers to count, ascending; the forward stops after the last.
         num_groups: number of groups (languages) the samples belong to.
         num_samples: number of samples overall (rows of :meth:`sample_fired`).
@@ -50,7 +50,7 @@ class FiringTrace:
             :attr:`per_sample` (for ``per_sample_counts``).
 
     Example:
-        >>> with FiringTrace(adapter, [0, 1, 2], num_groups=2, num_samples=10) as trace:   # doctest: +SKIP
+        >>> with FiringTrace(layout, [0, 1, 2], num_groups=2, num_samples=10) as trace:   # doctest: +SKIP
         ...     for ids, mask, groups, rows in batches:
         ...         trace.forward(model, ids, mask, group_ids=groups, sample_ids=rows)
         ...         trace.nonfinite_layers()   # [] unless some activation was NaN/inf
@@ -59,7 +59,7 @@ class FiringTrace:
 
     def __init__(
         self,
-        adapter: Any,
+        layout: Any,
         layer_ids: Sequence[int],
         *,
         num_groups: int,
@@ -67,11 +67,11 @@ class FiringTrace:
         left_padding: bool = False,
         keep_per_sample: bool = False,
     ) -> None:
-        self.adapter = adapter
+        self.layout = layout
         self.layer_ids = list(layer_ids)
         self.num_groups = num_groups
         self.num_samples = num_samples
-        self.num_neurons = adapter.intermediate_size
+        self.num_neurons = layout.intermediate_size
         self.left_padding = left_padding
         self.keep_per_sample = keep_per_sample
         #: slot -> ``[G, N]`` int64 counts, on the device of that layer's activations.
@@ -89,11 +89,11 @@ class FiringTrace:
     def __enter__(self) -> FiringTrace:
         try:
             for slot, layer in enumerate(self.layer_ids):
-                self._handles.append(self.adapter.ffn(layer).act.register_forward_hook(self._count_hook(slot)))
+                self._handles.append(self.layout.ffn(layer).act.register_forward_hook(self._count_hook(slot)))
             if self.left_padding:
                 for layer in range(self.layer_ids[-1] + 1):
-                    self._handles.append(self.adapter.layers[layer].register_forward_hook(self._zero_pad_rows))
-            self._handles.append(self.adapter.layers[self.layer_ids[-1]].register_forward_hook(_stop))
+                    self._handles.append(self.layout.layers[layer].register_forward_hook(self._zero_pad_rows))
+            self._handles.append(self.layout.layers[self.layer_ids[-1]].register_forward_hook(_stop))
         except BaseException:
             self.close()
             raise

@@ -51,7 +51,7 @@ def run_representations(args: argparse.Namespace) -> int:
     import copy
     from pathlib import Path
 
-    from ..arch import get_adapter
+    from ..arch import get_layout
     from ..errors import InvalidInputError
     from ..plots import plot_representations, save_figure
     from ..texts import default_data_dir, load_texts
@@ -65,7 +65,7 @@ def run_representations(args: argparse.Namespace) -> int:
         data = f"mgsm:{base_dir / 'mgsm'}"
     texts = load_texts(data, parse_langs(args.langs), args.limit)
     model, tokenizer = load_model_from_args(args)
-    n = get_adapter(model).num_layers
+    n = get_layout(model).num_layers
     layers = [int(x) for x in args.layers.split(",")] if args.layers else sorted({0, n // 2, n - 1})
     trained = None
     if args.adapter:

@@ -61,28 +61,28 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _resolve_layers(args: argparse.Namespace, model: Any, tokenizer: Any, out: Path) -> tuple[list[int], Any]:
     """Return (layers, selection-or-None) from --selection, --layers SPEC or --layers auto."""
-    from ..arch import get_adapter
+    from ..arch import get_layout
     from .analyze import parse_layer_spec
 
-    adapter = get_adapter(model)
+    layout = get_layout(model)
     if args.selection:
         from ..criteria import Selection
 
         path = Path(args.selection)
         selection = Selection.load(path / "selection.json" if path.is_dir() else path)
-        return adapter.check_layers([int(x) for x in selection.layers]), selection
+        return layout.check_layers([int(x) for x in selection.layers]), selection
     if args.layers != "auto":
         layers = parse_layer_spec(args.layers) or []
         if not layers:
             raise InvalidInputError(f"layer spec {args.layers!r} names no layer")
-        return adapter.check_layers(layers), None
+        return layout.check_layers(layers), None
     from ..criteria import select
 
     if not args.analysis_data:
         if args.criterion == "snr":  # data-free
             selection = select(model=model, criterion="snr")
             selection.save(out / "selection.json")
-            return adapter.check_layers([int(x) for x in selection.layers]), selection
+            return layout.check_layers([int(x) for x in selection.layers]), selection
         raise InvalidInputError("--layers auto needs --analysis-data (e.g. mgsm:DIR), or give --layers 0-5")
     from ..stats import ActivationStats
     from ..texts import load_texts
@@ -96,7 +96,7 @@ def _resolve_layers(args: argparse.Namespace, model: Any, tokenizer: Any, out: P
     selection = select(stats, criterion=args.criterion, model=model)  # weight criteria (snr) read the model
     selection.save(out / "selection.json")
     _status(f"      selected layers {list(selection.layers)} ({args.criterion}): {selection.reason}")
-    return adapter.check_layers([int(x) for x in selection.layers]), selection
+    return layout.check_layers([int(x) for x in selection.layers]), selection
 
 
 def _status(msg: str) -> None:

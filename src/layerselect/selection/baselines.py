@@ -31,9 +31,9 @@ def _layer_ids(stats: ActivationStats | None, model: Any) -> list[int]:
     if stats is not None:
         return sorted(stats.layers)
     if model is not None:
-        from ..arch import get_adapter
+        from ..arch import get_layout
 
-        return list(range(get_adapter(model).num_layers))
+        return list(range(get_layout(model).num_layers))
     raise InvalidInputError("pass the statistics or the model so the criterion knows the layers")
 
 

@@ -322,9 +322,9 @@ def _checked_selection(
                 "or the criterion's parameters"
             )
     if model is not None:
-        from ..arch import get_adapter
+        from ..arch import get_layout
 
-        num = get_adapter(model).num_layers
+        num = get_layout(model).num_layers
         outside = [x for x in sel.layers if x >= num]
         if outside:
             raise InvalidInputError(

@@ -60,10 +60,10 @@ def snr_criterion(
     Needs the model, not statistics: ``select(model=model, criterion="snr")``.
     If statistics are passed too, only their layers are considered.
     """
-    from ..arch import get_adapter
+    from ..arch import get_layout
 
-    adapter = get_adapter(model)
-    ids = sorted(stats.layers) if stats is not None else list(range(adapter.num_layers))
+    layout = get_layout(model)
+    ids = sorted(stats.layers) if stats is not None else list(range(layout.num_layers))
     for role in matrices:
         if role not in ("gate", "up", "down"):
             raise InvalidInputError(f"unknown FFN matrix {role!r}; use some of ['gate', 'up', 'down']")
@@ -71,7 +71,7 @@ def snr_criterion(
         raise InvalidInputError("matrices is empty; use some of ['gate', 'up', 'down']")
     scores: dict[int, float] = {}
     for layer in ids:
-        ffn = adapter.ffn(layer)
+        ffn = layout.ffn(layer)
         values = []
         for role in matrices:
             if ffn.gate_up is not None and role in ("gate", "up"):

@@ -615,9 +615,9 @@ def _apply_patch(weight: torch.Tensor, index: torch.Tensor, bits: torch.Tensor |
 
 def check_targets_match(adapter: AdapterFile, model: nn.Module) -> None:
     """The adapter's tensors must be exactly the matrices its config targets on ``model``."""
-    from ..arch import get_adapter
+    from ..arch import get_layout
 
-    arch = get_adapter(model)
+    arch = get_layout(model)
     try:
         layers = arch.check_layers(adapter.config.layers)
     except InvalidInputError as exc:
@@ -652,14 +652,14 @@ def load_deltas(
         >>> adapter.config.layers                      # doctest: +SKIP
         [0, 1, 2, 3, 4, 5]
     """
-    from ..arch import get_adapter
+    from ..arch import get_layout
 
     if not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise InvalidInputError(f"scale must be a finite number, got {scale!r}")
     adapter = read_adapter(path)
     params = named_weights(model)
     check_targets_match(adapter, model)
-    same_base = check_base(adapter, params, get_adapter(model).num_layers, strict=strict)
+    same_base = check_base(adapter, params, get_layout(model).num_layers, strict=strict)
     deltas = adapter.load_tensors()
     apply_adapter_tensors(params, adapter, deltas, scale, patch=same_base)
     return adapter

@@ -44,7 +44,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..arch import get_adapter, unwrap_model
+from ..arch import get_layout, unwrap_model
 from ..distributed import gather_full, is_sharded_parameter
 from ..errors import InvalidInputError
 from .config import SelectiveFFNConfig
@@ -128,22 +128,22 @@ def _numel(p: torch.Tensor) -> int:
 
 
 def _resolve_targets(model: nn.Module, config: SelectiveFFNConfig) -> tuple[list[_Target], Any]:
-    adapter = get_adapter(model)
-    layers = adapter.check_layers(config.layers)
-    params = dict(adapter.model.named_parameters())
+    layout = get_layout(model)
+    layers = layout.check_layers(config.layers)
+    params = dict(layout.model.named_parameters())
     roles = config.target_modules
     targets: list[_Target] = []
     for i in layers:
-        for name in adapter.parameter_names(i, roles):
+        for name in layout.parameter_names(i, roles):
             if name not in params:
-                raise InvalidInputError(f"parameter {name} not found in {type(adapter.model).__name__}")
+                raise InvalidInputError(f"parameter {name} not found in {type(layout.model).__name__}")
             frozen = None
-            parts = adapter.fused_rows(i, name.removesuffix(".weight"))
+            parts = layout.fused_rows(i, name.removesuffix(".weight"))
             if parts is not None:  # fused gate_up or qkv: freeze the rows of untargeted roles
                 untargeted = tuple(rows for role, rows in parts.items() if role not in roles)
                 frozen = untargeted or None
             targets.append(_Target(name, params[name], i, frozen))
-    return targets, adapter
+    return targets, layout
 
 
 # ----------------------------------------------------------------------------------------
@@ -178,10 +178,10 @@ class SelectiveFFNModel(nn.Module):
             name = getattr(getattr(model, "config", None), "name_or_path", None) or None
             config = dataclasses.replace(config, base_model_name_or_path=name)
         self.adapter_config = config
-        targets, adapter = _resolve_targets(model, config)
+        targets, layout = _resolve_targets(model, config)
         self._targets: list[_Target] = targets
-        self._num_layers = adapter.num_layers
-        self._family = adapter.family
+        self._num_layers = layout.num_layers
+        self._family = layout.family
         self._orig_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         self._hooks: list[Any] = []
         self._merged = True
@@ -460,7 +460,7 @@ class SelectiveFFNModel(nn.Module):
         params = dict(model.named_parameters())
         # Every check runs before the model is touched: a refused load leaves it exactly as it was.
         check_targets_match(adapter, model)
-        same_base = check_base(adapter, params, get_adapter(model).num_layers, strict=strict)
+        same_base = check_base(adapter, params, get_layout(model).num_layers, strict=strict)
         deltas = adapter.load_tensors()
         wrapped = cls(model, adapter.config, reference=reference, trainable=is_trainable)
         apply_adapter_tensors(params, adapter, deltas, scale, patch=same_base)
