@@ -20,8 +20,9 @@ attention / attention + gate+up+down; Fig. 5), ``first_n``, ``random`` (3 seeds)
 ``last_n`` (as many layers as msd picks, up+down), ``all_ffn`` (up+down of every
 layer), ``lora`` (peft LoRA r=8, alpha 16, all linear layers) and ``full``.
 
-One JSON per run in ``--out/runs``; finished runs are skipped on restart (a run
-interrupted mid-way starts again). ``--table`` writes the markdown report from the JSONs.
+One JSON per run in ``--out/runs``; finished runs are skipped on restart. A run
+interrupted mid-way starts again, unless ``--checkpoint-every N`` saved its
+trained tensors and optimizer state every N steps: then it resumes there. ``--table`` writes the markdown report from the JSONs.
 
     PYTHONPATH=src python3 benchmarks/paper_experiments.py --model gemma-3-270m --steps 300 \\
         --batch-size 4 --grad-accum 4 --out docs/results/gemma-3-270m
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", default=None, metavar="MD", help="write the markdown report from --out's JSONs")
     p.add_argument("--notes", default=None, help="--table: a markdown file appended as 'What it shows'")
     p.add_argument("--overwrite", action="store_true", help="discard finished runs made with other settings")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="save the run's trained tensors and optimizer every N steps (to --out/checkpoints) and "
+                        "resume an interrupted run from there; 0 (default) restarts interrupted runs")
     return p
 
 
@@ -257,19 +261,30 @@ def prepare(model: Any, spec: dict[str, Any]) -> tuple[Any, int, int]:
     return model, 0, total
 
 
-def train(model: Any, features: Sequence[dict[str, list[int]]], pad_id: int, args: argparse.Namespace) -> dict[str, Any]:
-    """The one training loop every run uses; returns losses and timings per optimizer step."""
+def train(model: Any, features: Sequence[dict[str, list[int]]], pad_id: int, args: argparse.Namespace,
+          checkpoint: Path | None = None) -> dict[str, Any]:
+    """The one training loop every run uses; returns losses and timings per optimizer step.
+
+    With ``checkpoint`` (a file path) and ``args.checkpoint_every > 0``, the trained
+    tensors, the optimizer state and the per-step logs are saved every that many steps
+    and a later call resumes from them, so a long run can span sessions that get killed.
+    The data order is fixed by the step index, so a resumed run sees the same batches.
+    """
     from layerselect.data import TranslationCollator
     from layerselect.loss import label_only_loss
 
     collate = TranslationCollator(pad_token_id=pad_id)
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     device = next(model.parameters()).device
+    every = getattr(args, "checkpoint_every", 0) or 0
+    logs: dict[str, list[float]] = {"losses": [], "walls": [], "cpus": []}
+    first = resume_training(checkpoint, named, opt, logs, settings_of(args)) if checkpoint and every else 0
+    losses, walls, cpus = logs["losses"], logs["walls"], logs["cpus"]
     model.train()
-    losses, walls, cpus = [], [], []
     micro = args.batch_size
-    for step in range(args.steps):
+    for step in range(first, args.steps):
         t0, c0 = time.perf_counter(), time.process_time()
         total = 0.0
         for a in range(args.grad_accum):
@@ -287,11 +302,51 @@ def train(model: Any, features: Sequence[dict[str, list[int]]], pad_id: int, arg
         losses.append(total)
         walls.append(time.perf_counter() - t0)
         cpus.append(time.process_time() - c0)
+        if checkpoint and every and (step + 1) % every == 0 and step + 1 < args.steps:
+            save_training(checkpoint, step + 1, named, opt, logs, settings_of(args))
     model.eval()
     timed = walls[1:] or walls
     timed_cpu = cpus[1:] or cpus
-    return {"train_loss": losses, "s_per_step": sum(timed) / len(timed),
+    return {"train_loss": losses, "resumed_at_step": first, "s_per_step": sum(timed) / len(timed),
             "cpu_s_per_step": sum(timed_cpu) / len(timed_cpu), "step_seconds": walls}
+
+
+def save_training(path: Path, step: int, named: Sequence[tuple[str, torch.Tensor]], opt: torch.optim.Optimizer,
+                  logs: dict[str, list[float]], settings: dict[str, Any]) -> None:
+    """Write a mid-run checkpoint atomically (a partial file never replaces a good one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"step": step, "settings": json.dumps(settings, sort_keys=True), "logs": logs,
+             "params": {n: p.detach().cpu() for n, p in named}, "optimizer": opt.state_dict()}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    print(f"[experiments] checkpoint at step {step}: {path}", file=sys.stderr)
+
+
+def resume_training(path: Path, named: Sequence[tuple[str, torch.Tensor]], opt: torch.optim.Optimizer,
+                    logs: dict[str, list[float]], settings: dict[str, Any]) -> int:
+    """Load ``path`` into the trainable tensors and the optimizer; returns the step to continue from.
+
+    A checkpoint from other settings or other trainable tensors is refused rather than mixed in.
+    """
+    if not path.is_file():
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("settings") != json.dumps(settings, sort_keys=True):
+        raise SystemExit(f"{path} was written with other settings; delete it to start this run again")
+    saved = state["params"]
+    if sorted(saved) != sorted(n for n, _ in named):
+        raise SystemExit(f"{path} holds other trainable tensors than this run trains; delete it to start again")
+    with torch.no_grad():
+        for n, p in named:
+            if saved[n].shape != p.shape:
+                raise SystemExit(f"{path}: {n} has shape {tuple(saved[n].shape)}, the model {tuple(p.shape)}")
+            p.copy_(saved[n].to(p.device, p.dtype))
+    opt.load_state_dict(state["optimizer"])
+    for k in logs:
+        logs[k].extend(float(x) for x in state["logs"][k])
+    print(f"[experiments] resumed at step {state['step']} from {path}", file=sys.stderr)
+    return int(state["step"])
 
 
 def base_selection(stats: Any) -> dict[str, Any]:
@@ -323,7 +378,8 @@ def do_run(name: str, args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     trainable_model, trainable, total = prepare(model, spec)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    timing = train(trainable_model, data["train"], pad, args) if spec["kind"] != "none" else {}
+    ckpt = out / "checkpoints" / f"{name}.pt"
+    timing = train(trainable_model, data["train"], pad, args, ckpt) if spec["kind"] != "none" else {}
     measures, stats = measure(trainable_model, tokenizer, data, args)
     if name == "base":
         stats.save(out / "base_stats")
@@ -362,9 +418,16 @@ def run_all(args: argparse.Namespace) -> list[str]:
             cmd = [sys.executable, os.path.abspath(__file__), *_argv_without_isolate(), "--no-isolate", "--only", name]
             subprocess.run(cmd, check=True)
         else:
-            _write_json(path, do_run(name, args))
+            finish_run(name, args)
         done.append(name)
     return done
+
+
+def finish_run(name: str, args: argparse.Namespace) -> None:
+    """Run ``name``, write its JSON, then drop its mid-run checkpoint (the JSON is the result)."""
+    out = Path(args.out)
+    _write_json(out / "runs" / f"{name}.json", do_run(name, args))
+    (out / "checkpoints" / f"{name}.pt").unlink(missing_ok=True)
 
 
 def _argv_without_isolate() -> list[str]:
@@ -516,7 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         apply_quick(args)
     if args.only:
-        _write_json(Path(args.out) / "runs" / f"{args.only}.json", do_run(args.only, args))
+        finish_run(args.only, args)
         return 0
     if args.lr_grid:
         args.lr = choose_lr(args)

@@ -120,3 +120,46 @@ def test_paired_gap_delta_by_hand():
     delta, low, high = pe.paired_gap_delta(uneven, base, n_boot=500)
     assert delta == pytest.approx(22 / 30 - 1.0)
     assert low < delta < high and low >= -0.8 - 1e-12 and high <= 0.0 + 1e-12
+
+
+def test_interrupted_run_resumes_to_the_same_weights(setup, tmp_path, monkeypatch):
+    """--checkpoint-every: a run killed after step 3 and resumed ends bitwise where an unbroken run ends."""
+    root, args = setup
+    mod = _load_script()
+    opts = mod.build_parser().parse_args([*args, "--out", str(tmp_path), "--checkpoint-every", "2"])
+    mod.apply_quick(opts)
+    opts.steps = 5
+    tok = tiny_tokenizer()
+    features = mod.load_data(opts, tok)["train"]
+    spec = {"kind": "selective", "layers": [1], "targets": ["up", "down"]}
+
+    def run(ckpt):
+        model = tiny_model("llama", dtype=torch.float32, max_position_embeddings=512)
+        slam, _, _ = mod.prepare(model, spec)
+        log = mod.train(slam, features, tok.pad_token_id, opts, ckpt)
+        return {n: p.detach().clone() for n, p in slam.named_parameters() if p.requires_grad}, log
+
+    unbroken, log_unbroken = run(None)
+    ckpt = tmp_path / "slam.pt"
+    calls = {"n": 0}
+    real_step = torch.optim.AdamW.step
+
+    def dying_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:  # killed during step 4: the checkpoint of step 2 is the last one
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        run(ckpt)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    assert torch.load(ckpt, weights_only=True)["step"] == 2
+    resumed, log_resumed = run(ckpt)
+    assert log_resumed["resumed_at_step"] == 2 and log_unbroken["resumed_at_step"] == 0
+    assert log_resumed["train_loss"] == log_unbroken["train_loss"]
+    assert all(torch.equal(resumed[n], unbroken[n]) for n in unbroken)
+    # a checkpoint from other settings is refused, not mixed in
+    opts.lr = 0.5
+    with pytest.raises(SystemExit, match="other settings"):
+        run(ckpt)
