@@ -7,7 +7,8 @@ A *text spec* names where they are; :func:`load_texts` returns
   languages, shipped in the package, CC BY 4.0) or ``demo`` (the demo's 20
   questions in 8 languages); a path of the same name, if one exists, wins;
 - ``mgsm:DIR``: a folder of ``{lang}.tsv`` or ``mgsm_{lang}.tsv`` files, one
-  ``question<TAB>answer`` per line (the question is the text);
+  ``question<TAB>answer`` per line (the question is the text; read by
+  :func:`read_mgsm_tsv`, the same reader the MGSM benchmark uses);
 - ``txt:DIR``: a folder of line-aligned ``{lang}.txt`` files, one text per line;
 - ``jsonl:FILE``: ``{"lang": ..., "text": ...}`` lines, or wide lines with one
   key per language (``{"id": 0, "en": "...", "de": "..."}``, the demo's layout);
@@ -31,13 +32,22 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from ._io import iter_jsonl, read_text
-from .errors import InvalidInputError
+from .errors import FormatError, InvalidInputError
 
-__all__ = ["load_texts", "split_spec", "default_data_dir", "PAPER_LANGS", "TEXT_KINDS"]
+__all__ = [
+    "load_texts",
+    "read_mgsm_tsv",
+    "MGSMRow",
+    "split_spec",
+    "default_data_dir",
+    "PAPER_LANGS",
+    "TEXT_KINDS",
+]
 
 #: The paper's ten MGSM languages, low-resource first as in its tables.
 PAPER_LANGS = ("bn", "th", "sw", "ja", "zh", "de", "fr", "ru", "es", "en")
@@ -73,22 +83,70 @@ def _detect(path: Path) -> str:
     )
 
 
-def _read_folder(path: Path, pattern: re.Pattern[str], column: int | None) -> dict[str, list[str]]:
+class MGSMRow(NamedTuple):
+    """One line of an MGSM TSV file: its 1-based ``line`` number, ``question``, and ``answer`` as written."""
+
+    line: int
+    question: str
+    answer: str
+
+
+def read_mgsm_tsv(path: str | os.PathLike[str]) -> list[MGSMRow]:
+    """The rows of an MGSM file: one ``question<TAB>answer`` per line; the one MGSM reader.
+
+    The split is at the *last* tab (answers are numbers, so a tab inside a
+    question stays in the question). Line *i* is question *i* in every
+    language, so a blank line in the middle (it would shift the rest) or a
+    line with no tab raises :class:`~layerselect.errors.FormatError` naming
+    ``file:line``; blank lines at the end are ignored. ``\\r\\n`` endings are accepted.
+
+    Example:
+        >>> import os, tempfile
+        >>> p = os.path.join(tempfile.mkdtemp(), "mgsm_en.tsv")
+        >>> _ = open(p, "w").write("Tab\\there?\\t5\\n2+2?\\t4\\n\\n")
+        >>> [(r.question, r.answer) for r in read_mgsm_tsv(p)]
+        [('Tab\\there?', '5'), ('2+2?', '4')]
+    """
+    lines = [ln.rstrip("\r") for ln in read_text(path).split("\n")]
+    while lines and not lines[-1].strip():
+        lines.pop()
+    rows = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            raise FormatError(
+                f"{path}:{lineno}: blank line; line i is question i in every language, "
+                "so delete it (only blank lines at the end are allowed)"
+            )
+        if "\t" not in line:
+            raise FormatError(f"{path}:{lineno}: expected 'question<TAB>answer', found no tab")
+        question, answer = line.rsplit("\t", 1)
+        if not question.strip():
+            raise FormatError(f"{path}:{lineno}: the question before the tab is empty")
+        rows.append(MGSMRow(lineno, question.strip(), answer.strip()))
+    return rows
+
+
+def _read_txt(path: Path) -> list[str]:
+    lines = read_text(path).rstrip("\n").splitlines()
+    # Line i is the same text in every language: a blank line would shift the rest.
+    blank = [i + 1 for i, ln in enumerate(lines) if not ln.strip()]
+    if blank:
+        raise InvalidInputError(
+            f"{path} has blank lines at {blank[:5]}; line-aligned files need one text per line"
+        )
+    return [ln.strip() for ln in lines]
+
+
+def _read_mgsm_questions(path: Path) -> list[str]:
+    return [row.question for row in read_mgsm_tsv(path)]
+
+
+def _read_folder(path: Path, pattern: re.Pattern[str], read: Callable[[Path], list[str]]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for f in sorted(path.iterdir()):
         m = pattern.match(f.name)
-        if not m:
-            continue
-        lines = read_text(f).rstrip("\n").splitlines()
-        # Line i is the same text in every language: a blank line would shift the rest.
-        blank = [i + 1 for i, ln in enumerate(lines) if not ln.strip()]
-        if blank:
-            raise InvalidInputError(
-                f"{f} has blank lines at {blank[:5]}; line-aligned files need one text per line"
-            )
-        if column is not None:
-            lines = [ln.split("\t")[column] for ln in lines]
-        out[m.group(1)] = [ln.strip() for ln in lines]
+        if m:
+            out[m.group(1)] = read(f)
     return out
 
 
@@ -222,9 +280,9 @@ def load_texts(
     if kind == "jsonl" and not path.is_file():
         raise InvalidInputError(f"jsonl:{path} must be a JSONL file with 'lang' and 'text' fields, but it is a folder")
     if kind == "mgsm":
-        texts = _read_folder(path, _TSV, column=0)
+        texts = _read_folder(path, _TSV, _read_mgsm_questions)
     elif kind == "txt":
-        texts = _read_folder(path, _TXT, column=None)
+        texts = _read_folder(path, _TXT, _read_txt)
     else:
         texts = _read_jsonl(path)
     return _keep(texts, path, kind, langs, limit)

@@ -12,13 +12,15 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, LayerSelectError
 from ..texts import PAPER_LANGS
 from ._common import add_model_args, load_model_from_args, parse_langs
 
@@ -98,12 +100,42 @@ def _apply_adapter(model: Any, adapter: str) -> Any:
     return SelectiveFFNModel.from_pretrained(model, adapter).merge_and_unload()
 
 
+#: The library's errors name Python parameters; on the command line they are these flags.
+_FLAG_WORDING = (
+    ("overwrite=True", "--overwrite"),
+    ("pass task= and langs=", "pass --task and --langs"),
+    ("pass task=", "pass --task"),
+    ("backend='transformers'", "--backend transformers"),
+    ("to langs", "to --langs"),
+    ("from langs", "from --langs"),
+)
+
+
+@contextlib.contextmanager
+def _flag_wording() -> Iterator[None]:
+    """Re-word a library error in terms of this command's flags (same error, same class)."""
+    try:
+        yield
+    except LayerSelectError as exc:
+        message = str(exc)
+        for python_words, flag_words in _FLAG_WORDING:
+            message = message.replace(python_words, flag_words)
+        exc.args = (message,)
+        raise
+
+
 def run(args: argparse.Namespace) -> int:
+    with _flag_wording():
+        langs = parse_langs(args.langs)
+        if args.metric == "nll":
+            return run_gap(args, langs)
+        return run_accuracy(args, langs)
+
+
+def run_accuracy(args: argparse.Namespace, langs: list[str] | None) -> int:
+    """The default metric: generate, score, and print accuracy and PCR per language."""
     from ..eval import evaluate, rescore
 
-    langs = parse_langs(args.langs)
-    if args.metric == "nll":
-        return run_gap(args, langs)
     if args.rescore:  # task None -> the one recorded in run.json
         table = rescore(args.out, task=args.task, langs=langs, limit=args.limit,
                         reference=args.reference, verbose=not args.quiet)

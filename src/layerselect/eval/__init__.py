@@ -32,7 +32,8 @@ from .generate import (
     truncate_at_stop,
 )
 from .metrics import accuracy, format_table, pcr, pcr_by_language, score_table
-from .runner import evaluate, read_records, records_path, rescore, write_results
+from .records import read_records, records_path
+from .runner import evaluate, rescore, write_results
 from .tasks import MGSM, MSVAMP, TASKS, XCSQA, Example, Task, get_task
 
 __all__ = [

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._batching import pad_batch
 from .._progress import progress as progress_bar
 from ..errors import FormatError, InvalidInputError
 from .generate import PROMPT_TEMPLATE, build_prompt
@@ -48,9 +49,6 @@ __all__ = [
     "target_nll",
     "format_gap_table",
 ]
-
-#: Positions whose log-softmax is computed at once (bounds the [positions, vocab] buffer).
-
 
 def load_solutions(path: str | os.PathLike[str], limit: int | None = None) -> list[str]:
     """The English solutions, one per MGSM question, from a JSON Lines file.
@@ -151,30 +149,24 @@ def _device(model: Any) -> torch.device:
 
 
 def _score(
-    model: Any, items: Sequence[tuple[list[int], list[bool]]], batch_size: int, pad_id: int, verbose: str = ""
+    model: Any, items: Sequence[tuple[list[int], list[bool]]], batch_size: int, pad_id: int, desc: str = ""
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(NLL sums, target counts) per item, batching items of similar length (right padding)."""
+    """(NLL sums, target counts) per item, batching items of similar length (right padding).
+
+    A progress bar labelled ``gap {desc}`` when ``desc`` is given.
+    """
     n = len(items)
     sums = np.zeros(n, dtype=np.float64)
     counts = np.array([sum(t) for _, t in items], dtype=np.int64)
     order = sorted(range(n), key=lambda i: -len(items[i][0]))
     dev = _device(model)
-    bar = progress_bar(total=n, desc=f"gap {verbose}", unit="q", disable=not verbose)
-    for b in range(0, n, batch_size):
-        idx = order[b : b + batch_size]
-        width = max(len(items[i][0]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        tgt = torch.zeros((len(idx), width), dtype=torch.bool)
-        for r, i in enumerate(idx):
-            L = len(items[i][0])
-            ids[r, :L] = torch.tensor(items[i][0])
-            mask[r, :L] = 1
-            tgt[r, :L] = torch.tensor(items[i][1])
-        res = target_nll(model, ids.to(dev), mask.to(dev), tgt.to(dev))
-        sums[idx] = res.numpy()
-        bar.update(len(idx))
-    bar.close()
+    with progress_bar(total=n, desc=f"gap {desc}", unit="q", disable=not desc) as bar:
+        for b in range(0, n, batch_size):
+            idx = order[b : b + batch_size]
+            ids, mask = pad_batch([items[i][0] for i in idx], pad_id, padding_side="right")
+            target, _ = pad_batch([items[i][1] for i in idx], 0, padding_side="right")
+            sums[idx] = target_nll(model, ids.to(dev), mask.to(dev), target.bool().to(dev)).numpy()
+            bar.update(len(idx))
     return sums, counts
 
 
@@ -217,11 +209,34 @@ def reasoning_gap(
         "avg_gap_interval", "per_question": {lang: {"nll_sum": [...], "tokens": [...]}},
         "prompt", "bootstrap", "seed"}``.
     """
+    n = _check_gap_inputs(questions, solutions, reference, batch_size)
+    langs = list(questions)
+    sums, counts = _score_langs(model, tokenizer, questions, solutions, batch_size, prompt, verbose)
+    if bootstrap > 0:
+        intervals = _bootstrap_intervals(sums, counts, langs, reference, n, bootstrap, seed)
+    else:
+        intervals = {"interval": {}, "nll_interval": {}, "avg_gap_interval": None}
+    return {
+        "langs": langs,
+        "reference": reference,
+        "n_questions": n,
+        **_gap_summary(sums, counts, langs, reference),
+        **intervals,
+        "prompt": prompt or PROMPT_TEMPLATE,
+        "bootstrap": bootstrap,
+        "seed": seed,
+        "per_question": {g: {"nll_sum": sums[g].tolist(), "tokens": counts[g].tolist()} for g in langs},
+    }
+
+
+def _check_gap_inputs(
+    questions: Mapping[str, Sequence[str]], solutions: Sequence[str], reference: str, batch_size: int
+) -> int:
+    """The number of questions, after checking that every language has one per solution."""
     if reference not in questions:
         raise InvalidInputError(f"reference language {reference!r} is not among {sorted(questions)}")
-    langs = list(questions)
     n = len(solutions)
-    for lang in langs:
+    for lang in questions:
         if len(questions[lang]) != n:
             raise InvalidInputError(
                 f"{len(questions[lang])} questions in {lang!r} but {n} solutions; they must be line-aligned"
@@ -230,6 +245,19 @@ def reasoning_gap(
         raise InvalidInputError("no questions to score")
     if batch_size < 1:
         raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
+    return n
+
+
+def _score_langs(
+    model: Any,
+    tokenizer: Any,
+    questions: Mapping[str, Sequence[str]],
+    solutions: Sequence[str],
+    batch_size: int,
+    prompt: str | None,
+    verbose: bool,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per-question NLL sums and target counts of every language, in eval mode (restored after)."""
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
@@ -239,41 +267,50 @@ def reasoning_gap(
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, np.ndarray] = {}
     try:
-        for lang in langs:
+        for lang in questions:
             items = [gap_item(tokenizer, q, s, prompt) for q, s in zip(questions[lang], solutions)]
             sums[lang], counts[lang] = _score(model, items, batch_size, int(pad_id), lang if verbose else "")
     finally:
         if was_training:
             model.train()
+    return sums, counts
+
+
+def _gap_summary(
+    sums: Mapping[str, np.ndarray], counts: Mapping[str, np.ndarray], langs: Sequence[str], reference: str
+) -> dict[str, Any]:
+    """NLL per target token of each language, its gap to ``reference``, and the average gap."""
     nll = {g: float(sums[g].sum() / counts[g].sum()) for g in langs}
     gap = {g: nll[g] - nll[reference] for g in langs}
     others = [g for g in langs if g != reference]
-    result: dict[str, Any] = {
-        "langs": langs,
-        "reference": reference,
-        "n_questions": n,
+    return {
         "nll": nll,
         "tokens": {g: int(counts[g].sum()) for g in langs},
         "gap": gap,
         "avg_gap": float(np.mean([gap[g] for g in others])) if others else 0.0,
-        "interval": {},
-        "nll_interval": {},
-        "avg_gap_interval": None,
-        "prompt": prompt or PROMPT_TEMPLATE,
-        "bootstrap": bootstrap,
-        "seed": seed,
-        "per_question": {g: {"nll_sum": sums[g].tolist(), "tokens": counts[g].tolist()} for g in langs},
     }
-    if bootstrap > 0:
-        rng = np.random.default_rng(seed)
-        idx = rng.integers(0, n, size=(bootstrap, n))  # one resample for every language
-        boot = {g: sums[g][idx].sum(1) / counts[g][idx].sum(1) for g in langs}
-        for g in langs:
-            result["nll_interval"][g] = _interval(boot[g])
-            result["interval"][g] = _interval(boot[g] - boot[reference])
-        if others:
-            result["avg_gap_interval"] = _interval(np.mean([boot[g] - boot[reference] for g in others], axis=0))
-    return result
+
+
+def _bootstrap_intervals(
+    sums: Mapping[str, np.ndarray],
+    counts: Mapping[str, np.ndarray],
+    langs: Sequence[str],
+    reference: str,
+    n: int,
+    bootstrap: int,
+    seed: int,
+) -> dict[str, Any]:
+    """95% intervals of each NLL, each gap and the average gap, from one resample shared by all languages."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(bootstrap, n))  # one resample for every language
+    boot = {g: sums[g][idx].sum(1) / counts[g][idx].sum(1) for g in langs}
+    others = [g for g in langs if g != reference]
+    avg = _interval(np.mean([boot[g] - boot[reference] for g in others], axis=0)) if others else None
+    return {
+        "interval": {g: _interval(boot[g] - boot[reference]) for g in langs},
+        "nll_interval": {g: _interval(boot[g]) for g in langs},
+        "avg_gap_interval": avg,
+    }
 
 
 def format_gap_table(result: Mapping[str, Any], title: str = "") -> str:

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .._batching import pad_batch
 from ..errors import InvalidInputError
 
 __all__ = [
@@ -79,29 +80,6 @@ def truncate_at_stop(text: str, stop: Sequence[str] = DEFAULT_STOP) -> str:
     return text[:cut]
 
 
-class _StopOnStrings:
-    """Stopping criterion: a row is done once its generated text contains a stop string.
-
-    Only the last ``window`` generated tokens are decoded each step.
-    """
-
-    def __init__(self, tokenizer: Any, stop: Sequence[str], prompt_len: int, window: int) -> None:
-        self.tokenizer = tokenizer
-        self.stop = tuple(s for s in stop if s)
-        self.prompt_len = prompt_len
-        self.window = window
-
-    def __call__(self, input_ids: torch.LongTensor, scores: Any = None, **kwargs: Any) -> torch.BoolTensor:
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        if not self.stop:
-            return done
-        start = max(self.prompt_len, input_ids.shape[1] - self.window)
-        tails = self.tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
-        for i, tail in enumerate(tails):
-            done[i] = any(s in tail for s in self.stop)
-        return done
-
-
 class TransformersGenerator:
     """Greedy batched generation with ``model.generate`` and left padding.
 
@@ -143,8 +121,6 @@ class TransformersGenerator:
         if pad is None:
             raise InvalidInputError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
         self.pad_token_id = int(pad)
-        # Longest stop string in tokens is at most its length in characters (+ merges at the edge).
-        self.window = max((len(s) for s in self.stop), default=0) + 8
 
     def _device(self) -> torch.device:
         try:
@@ -156,26 +132,16 @@ class TransformersGenerator:
     def generate_batch(self, prompts: Sequence[str]) -> list[str]:
         """One ``generate`` call over ``prompts`` (left padded)."""
         tok = self.tokenizer
-        # Pad by hand (left), so the tokenizer's padding side / pad token are never touched.
-        ids = tok(list(prompts))["input_ids"]
-        width = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, row in enumerate(ids):
-            if row:
-                input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-                attention_mask[i, width - len(row) :] = 1
+        ids, mask = pad_batch(tok(list(prompts))["input_ids"], self.pad_token_id, padding_side="left")
         device = self._device()
-        enc = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-        prompt_len = enc["input_ids"].shape[1]
-        criterion = _StopOnStrings(tok, self.stop, prompt_len, self.window)
-        from transformers import StoppingCriteriaList
-
         eos = getattr(self.model.generation_config, "eos_token_id", None)
         if eos is None:
             eos = tok.eos_token_id
+        # transformers stops a row once its text ends with a stop string; the cut below removes it.
+        stop_strings = [s for s in self.stop if s] or None
         out = self.model.generate(
-            **enc,
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
             do_sample=False,
             num_beams=1,
             temperature=None,
@@ -184,9 +150,10 @@ class TransformersGenerator:
             max_new_tokens=self.max_new_tokens,
             pad_token_id=self.pad_token_id,
             eos_token_id=eos,
-            stopping_criteria=StoppingCriteriaList([criterion]),
+            stop_strings=stop_strings,
+            tokenizer=tok,
         )
-        texts = tok.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
+        texts = tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
         return [truncate_at_stop(t, self.stop) for t in texts]
 
     def __call__(self, prompts: Sequence[str]) -> list[str]:
@@ -220,7 +187,7 @@ class VLLMGenerator:
         except ImportError as exc:
             raise InvalidInputError(
                 "the vllm backend needs the vllm package (a CUDA GPU machine): pip install vllm; "
-                "or use --backend transformers"
+                "or use backend='transformers'"
             ) from exc
         self.stop = tuple(stop)
         self.params = vllm.SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop=list(self.stop))

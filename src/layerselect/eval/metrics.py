@@ -66,7 +66,7 @@ def accuracy(
 def _as_mapping(flags: Flags | None, what: str) -> dict[str, bool]:
     if flags is None:
         raise InvalidInputError(
-            f"PCR needs the {what} results; evaluate English on the same questions (add 'en' to --langs)"
+            f"PCR needs the {what} results; evaluate English on the same questions (add 'en' to langs)"
         )
     if isinstance(flags, Mapping):
         return {str(k): bool(v) for k, v in flags.items()}
@@ -115,7 +115,7 @@ def pcr_by_language(correct: Mapping[str, Flags], reference: str = "en") -> dict
     if reference not in correct:
         raise InvalidInputError(
             f"PCR is measured against {reference!r}, which was not evaluated "
-            f"(languages: {', '.join(correct)}); add it to --langs"
+            f"(languages: {', '.join(correct)}); add it to langs"
         )
     return {lang: pcr(correct[reference], flags) for lang, flags in correct.items() if lang != reference}
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,60 +47,12 @@ from .generate import (
     build_prompt,
 )
 from .metrics import format_table, score_table
+from .records import read_records, records_path, rewrite_records
 from .tasks import Example, Task, get_task
 
 __all__ = ["evaluate", "rescore", "read_records", "records_path", "write_results"]
 
 _RUN_KEYS = ("task", "model", "prompt_template", "max_new_tokens", "stop", "model_fingerprint")
-
-
-def records_path(out_dir: str | os.PathLike[str], task: str | Task, lang: str) -> Path:
-    """Where the generations of ``lang`` live: ``out_dir/{task}_{lang}.jsonl``."""
-    return Path(out_dir) / f"{get_task(task).name}_{lang}.jsonl"
-
-
-def read_records(path: str | os.PathLike[str], repair: bool = True) -> list[dict[str, Any]]:
-    """The records of a generations file; ``[]`` when it does not exist.
-
-    A last line that is unterminated or not valid JSON (a crash mid-write) is
-    dropped, and with ``repair=True`` the file is truncated to its last good
-    line. Any other bad line raises :class:`~layerselect.errors.FormatError`.
-    """
-    path = Path(path)
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    records: list[dict[str, Any]] = []
-    good_end = 0
-    pos = 0
-    while pos < len(data):
-        nl = data.find(b"\n", pos)
-        end = len(data) if nl == -1 else nl + 1
-        line = data[pos:end]
-        is_last = end >= len(data)
-        try:
-            rec = json.loads(line.decode("utf-8")) if line.strip() else None
-            if rec is not None and not (isinstance(rec, dict) and "id" in rec):
-                raise ValueError("not a record")
-            if nl == -1 and rec is not None:
-                raise ValueError("unterminated")
-        except (ValueError, UnicodeDecodeError):
-            if is_last:
-                break
-            lineno = data[:pos].count(b"\n") + 1
-            raise FormatError(
-                f"{path}: line {lineno} is not a JSON record; "
-                "fix or delete the file (or pass overwrite=True / --overwrite)"
-            ) from None
-        if rec is not None:
-            records.append(rec)
-        good_end = end
-        pos = end
-    if repair and good_end < len(data):
-        with open(path, "r+b") as fh:
-            fh.truncate(good_end)
-        print(f"[eval] {path.name}: dropped a truncated last line", file=sys.stderr)
-    return records
 
 
 def _record(example: Example, response: str, task: Task) -> dict[str, Any]:
@@ -115,16 +66,6 @@ def _record(example: Example, response: str, task: Task) -> dict[str, Any]:
         "prediction": pred,
         "correct": task.is_correct(pred, example.answer),
     }
-
-
-def _rewrite(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _check_run(out_dir: Path, settings: dict[str, Any], overwrite: bool) -> None:
@@ -148,7 +89,7 @@ def _check_run(out_dir: Path, settings: dict[str, Any], overwrite: bool) -> None
             )
             raise InvalidInputError(
                 f"{out_dir} holds generations made with other settings ({details}); "
-                "use another output folder, or overwrite=True / --overwrite to start again"
+                "use another output folder, or overwrite=True to start again"
             )
     write_json(path, settings)
 
@@ -187,11 +128,6 @@ def write_results(out_dir: str | os.PathLike[str], table: dict[str, Any], title:
     write_json(out_dir / "results.json", table)
     atomic_write_text(out_dir / "results.md", md + "\n")
     return md
-
-
-def _load_examples(task: Task, data: str | os.PathLike[str], langs: Sequence[str], limit: int | None):
-    examples = {lang: task.load(data, lang, limit) for lang in langs}
-    return examples
 
 
 def evaluate(
@@ -244,51 +180,15 @@ def evaluate(
     """
     task = get_task(task)
     data = task.resolve_data(data)  # None or "mgsm" -> the bundled MGSM
-    if langs is None:
-        langs = task.available_langs(data)
-        if not langs:
-            raise InvalidInputError(f"no {task.name} data files found in {data}")
-    langs = list(dict.fromkeys(langs))
-    if not langs:
-        raise InvalidInputError(f"no languages to evaluate: pass langs=[...] (e.g. ['en', 'de']) for {data}")
-    examples = _load_examples(task, data, langs, limit)
-    if reference in examples:
-        ref_ids = [e.id for e in examples[reference]]
-        for lang, exs in examples.items():
-            if [e.id for e in exs] != ref_ids and set(e.id for e in exs) != set(ref_ids):
-                raise InvalidInputError(
-                    f"PCR needs the same questions in every language, but {task.name} {lang!r} has "
-                    f"{len(exs)} questions and {reference!r} {len(ref_ids)} with different ids; "
-                    f"check the data files or drop {reference!r} from langs"
-                )
+    langs = _resolve_langs(task, data, langs)
+    examples = {lang: task.load(data, lang, limit) for lang in langs}
+    _check_same_questions(task, examples, reference)
     name = model_name or str(getattr(getattr(model, "config", None), "name_or_path", model))
-
     custom = generator is not None
     if generator is None:
-        if backend == "transformers":
-            generator = TransformersGenerator(
-                model, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens, stop=stop
-            )
-        elif backend == "vllm":
-            if not isinstance(model, (str, os.PathLike)):
-                raise InvalidInputError(
-                    "the vllm backend serves a checkpoint: pass its path as model "
-                    "(merge an adapter and save_pretrained it first)"
-                )
-            generator = VLLMGenerator(model, max_new_tokens=max_new_tokens, stop=stop, **(vllm_kwargs or {}))
-        else:
-            raise InvalidInputError(f"unknown backend {backend!r}; use 'transformers' or 'vllm'")
-
-    out = Path(out_dir) if out_dir is not None else None
+        generator = _make_generator(model, tokenizer, backend, batch_size, max_new_tokens, stop, vllm_kwargs)
+    out = _prepare_out(out_dir)
     if out is not None:
-        if out.exists() and not out.is_dir():
-            raise InvalidInputError(f"eval output {out} is an existing file; give a folder")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise InvalidInputError(f"cannot create eval output {out}: {exc.strerror or exc}") from None
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise InvalidInputError(f"eval output {out} is not writable")
         settings = {
             "task": task.name,
             "model": name,
@@ -301,47 +201,127 @@ def evaluate(
             "limit": limit,
         }
         _check_run(out, settings, overwrite)
-
-    correct: dict[str, dict[str, bool]] = {}
-    for lang in langs:
-        exs = examples[lang]
-        path = records_path(out, task, lang) if out is not None else None
-        if path is not None and overwrite and path.exists():
-            path.unlink()
-        done = {str(r["id"]): r for r in read_records(path)} if path is not None else {}
-        todo = [e for e in exs if e.id not in done]
-        # Longest prompts first: batches of similar length waste less padding.
-        todo.sort(key=lambda e: -len(task.format_query(e)))
-        step = batch_size if backend == "transformers" or custom else max(batch_size, 256)
-        fh = open(path, "a", encoding="utf-8") if path is not None else None  # noqa: SIM115
-        bar = progress_bar(total=len(exs), initial=len(exs) - len(todo), desc=f"eval {task.name} {lang}",
-                           unit="q", disable=not verbose)
-        try:
-            for i in range(0, len(todo), step):
-                chunk = todo[i : i + step]
-                responses = generator([build_prompt(task.format_query(e)) for e in chunk])
-                if len(responses) != len(chunk):
-                    raise InvalidInputError(f"generator returned {len(responses)} responses for {len(chunk)} prompts")
-                for e, resp in zip(chunk, responses):
-                    rec = _record(e, resp, task)
-                    done[e.id] = rec
-                    if fh is not None:
-                        fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                if fh is not None:
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                bar.update(len(chunk))
-        finally:
-            bar.close()
-            if fh is not None:
-                fh.close()
-        ordered = [done[e.id] for e in exs]
-        if path is not None:
-            extra = [r for k, r in done.items() if k not in {e.id for e in exs}]
-            _rewrite(path, ordered + extra)  # dataset order; records beyond --limit are kept
-        correct[lang] = {r["id"]: bool(r["correct"]) for r in ordered}
-
+    step = batch_size if backend == "transformers" or custom else max(batch_size, 256)
+    correct = {
+        lang: _answer_lang(task, lang, examples[lang], generator, step, out, overwrite=overwrite, verbose=verbose)
+        for lang in langs
+    }
     return _finish(correct, task, name, reference, out, verbose)
+
+
+def _resolve_langs(task: Task, data: Path, langs: Sequence[str] | None) -> list[str]:
+    """``langs`` without repeats, or every language with a data file in ``data``."""
+    if langs is None:
+        langs = task.available_langs(data)
+        if not langs:
+            raise InvalidInputError(f"no {task.name} data files found in {data}")
+    langs = list(dict.fromkeys(langs))
+    if not langs:
+        raise InvalidInputError(f"no languages to evaluate: pass langs=[...] (e.g. ['en', 'de']) for {data}")
+    return langs
+
+
+def _check_same_questions(task: Task, examples: dict[str, list[Example]], reference: str) -> None:
+    """PCR compares answers question by question: every language must hold the reference's questions."""
+    if reference not in examples:
+        return
+    ref_ids = [e.id for e in examples[reference]]
+    for lang, exs in examples.items():
+        if [e.id for e in exs] != ref_ids and set(e.id for e in exs) != set(ref_ids):
+            raise InvalidInputError(
+                f"PCR needs the same questions in every language, but {task.name} {lang!r} has "
+                f"{len(exs)} questions and {reference!r} {len(ref_ids)} with different ids; "
+                f"check the data files or drop {reference!r} from langs"
+            )
+
+
+def _make_generator(
+    model: Any,
+    tokenizer: Any,
+    backend: str,
+    batch_size: int,
+    max_new_tokens: int,
+    stop: Sequence[str],
+    vllm_kwargs: dict[str, Any] | None,
+) -> Generator:
+    if backend == "transformers":
+        return TransformersGenerator(model, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens, stop=stop)
+    if backend == "vllm":
+        if not isinstance(model, (str, os.PathLike)):
+            raise InvalidInputError(
+                "the vllm backend serves a checkpoint: pass its path as model "
+                "(merge an adapter and save_pretrained it first)"
+            )
+        return VLLMGenerator(model, max_new_tokens=max_new_tokens, stop=stop, **(vllm_kwargs or {}))
+    raise InvalidInputError(f"unknown backend {backend!r}; use 'transformers' or 'vllm'")
+
+
+def _prepare_out(out_dir: str | os.PathLike[str] | None) -> Path | None:
+    """``out_dir`` as an existing, writable folder (created if needed); None stays None."""
+    if out_dir is None:
+        return None
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError(f"eval output {out} is an existing file; give a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidInputError(f"cannot create eval output {out}: {exc.strerror or exc}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise InvalidInputError(f"eval output {out} is not writable")
+    return out
+
+
+def _answer_lang(
+    task: Task,
+    lang: str,
+    exs: Sequence[Example],
+    generator: Generator,
+    step: int,
+    out: Path | None,
+    *,
+    overwrite: bool,
+    verbose: bool,
+) -> dict[str, bool]:
+    """Generate the answers of one language not yet in ``out``; ``{id: correct}`` in dataset order.
+
+    Records are appended and flushed after every batch (an interrupted run loses
+    at most that batch); at the end the file is rewritten in dataset order.
+    """
+    path = records_path(out, task, lang) if out is not None else None
+    if path is not None and overwrite and path.exists():
+        path.unlink()
+    done = {str(r["id"]): r for r in read_records(path)} if path is not None else {}
+    todo = [e for e in exs if e.id not in done]
+    # Longest prompts first: batches of similar length waste less padding.
+    todo.sort(key=lambda e: -len(task.format_query(e)))
+    fh = open(path, "a", encoding="utf-8") if path is not None else None  # noqa: SIM115
+    bar = progress_bar(total=len(exs), initial=len(exs) - len(todo), desc=f"eval {task.name} {lang}",
+                       unit="q", disable=not verbose)
+    try:
+        for i in range(0, len(todo), step):
+            chunk = todo[i : i + step]
+            responses = generator([build_prompt(task.format_query(e)) for e in chunk])
+            if len(responses) != len(chunk):
+                raise InvalidInputError(f"generator returned {len(responses)} responses for {len(chunk)} prompts")
+            for e, resp in zip(chunk, responses):
+                rec = _record(e, resp, task)
+                done[e.id] = rec
+                if fh is not None:
+                    fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            if fh is not None:
+                fh.flush()
+                os.fsync(fh.fileno())
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        if fh is not None:
+            fh.close()
+    ordered = [done[e.id] for e in exs]
+    if path is not None:
+        extra = [r for k, r in done.items() if k not in {e.id for e in exs}]
+        rewrite_records(path, ordered + extra)  # dataset order; records beyond the limit are kept
+    return {r["id"]: bool(r["correct"]) for r in ordered}
 
 
 def _finish(correct: dict[str, dict[str, bool]], task: Task, name: str, reference: str,
@@ -384,11 +364,11 @@ def rescore(
     try:
         run = json.loads(run_path.read_text(encoding="utf-8")) if run_path.exists() else {}
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{run_path} is not valid JSON ({exc}); pass task= / --task and langs") from None
+        raise FormatError(f"{run_path} is not valid JSON ({exc}); pass task= and langs=") from None
     if not isinstance(run, dict):
         raise FormatError(f"{run_path} is not a JSON object")
     if task is None and "task" not in run:
-        raise InvalidInputError(f"{out} has no run.json naming the task; pass task= / --task")
+        raise InvalidInputError(f"{out} has no run.json naming the task; pass task=")
     task = get_task(task or run["task"])
     if langs is None:
         langs = run.get("langs") or sorted(
@@ -407,11 +387,11 @@ def rescore(
             if missing or not isinstance(rec.get("response"), str):
                 raise FormatError(
                     f"{path}: record {i} lacks {missing or ['a text response']}; it was not written by "
-                    "layerselect eval. Regenerate with --overwrite"
+                    "layerselect eval. Regenerate with overwrite=True"
                 )
             rec["prediction"] = task.extract(rec["response"])
             rec["correct"] = task.is_correct(rec["prediction"], rec["gold"])
-        _rewrite(path, records)
+        rewrite_records(path, records)
         used = records[:limit] if limit is not None else records
         correct[lang] = {str(r["id"]): bool(r["correct"]) for r in used}
     return _finish(correct, task, run.get("model", str(out)), reference, out, verbose)

@@ -10,7 +10,9 @@ how to extract and check an answer (:meth:`Task.extract`,
 Data layouts (``data`` is a folder; ``{lang}`` a language code such as ``de``):
 
 - ``mgsm``: ``mgsm_{lang}.tsv`` or ``{lang}.tsv``, one ``question<TAB>answer``
-  per line; line *i* is the same question in every language (id = ``str(i)``).
+  per line, read by :func:`layerselect.texts.read_mgsm_tsv` (split at the last
+  tab; a blank line before the end is an error); line *i* is the same question
+  in every language (id = ``str(i)``, counting from 0).
 - ``msvamp``: ``msvamp_{lang}.jsonl``, ``{lang}.jsonl``, ``test_{lang}.jsonl``
   (or ``.json``: JSON Lines or one JSON array). Each record has the question
   under ``question`` / ``query`` / ``m_query`` / ``input`` / ``problem`` /
@@ -45,6 +47,7 @@ from typing import Any, ClassVar
 
 from .._io import read_text
 from ..errors import FormatError, InvalidInputError
+from ..texts import read_mgsm_tsv
 from .extract import extract_label, extract_number, parse_number
 
 __all__ = ["Example", "Task", "MGSM", "MSVAMP", "XCSQA", "TASKS", "get_task"]
@@ -182,18 +185,12 @@ class MGSM(Task):
 
     def load_file(self, path: Path, lang: str) -> list[Example]:
         out = []
-        for i, line in enumerate(read_text(path).split("\n")):
-            line = line.rstrip("\r")
-            if not line.strip():
-                continue
-            if "\t" not in line:
-                raise FormatError(f"{path}:{i + 1}: expected 'question<TAB>answer', found no tab")
-            question, answer = line.rsplit("\t", 1)
+        for row in read_mgsm_tsv(path):
             try:
-                gold = parse_number(answer)
+                gold = parse_number(row.answer)
             except InvalidInputError as exc:
-                raise FormatError(f"{path}:{i + 1}: {exc}") from None
-            out.append(Example(id=str(i), lang=lang, question=question.strip(), answer=gold))
+                raise FormatError(f"{path}:{row.line}: {exc}") from None
+            out.append(Example(id=str(row.line - 1), lang=lang, question=row.question, answer=gold))
         return out
 
 
