@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -45,6 +46,17 @@ def test_config_defaults_and_json_round_trip(tmp_path):
     assert SelectiveFFNConfig(layers=[0], target_modules="all").target_modules == ["gate", "up", "down"]
     assert SelectiveFFNConfig(layers=[0], target_modules=["down_proj", "gate_up_proj"]).target_modules == [
         "gate", "up", "down"]
+
+
+def test_config_fields_carry_help_and_the_saved_json_keeps_its_keys():
+    cfg = SelectiveFFNConfig(layers=[2], base_model_name_or_path="m", delta_dtype="bfloat16")
+    for f in dataclasses.fields(SelectiveFFNConfig):
+        assert len(f.metadata.get("help", "")) > 20, f.name
+    # the adapter JSON written by earlier versions: same keys, same values
+    assert json.loads(cfg.to_json_string()) == {
+        "layers": [2], "target_modules": ["up", "down"], "base_model_name_or_path": "m",
+        "delta_dtype": "bfloat16", "selection": None,
+    }
 
 
 class _FakeSelection:
