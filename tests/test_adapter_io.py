@@ -64,8 +64,8 @@ def test_round_trip_every_family_is_exact(tmp_path, family):
     assert not torch.equal(_logits(fresh), trained_logits)
     loaded = SelectiveFFNModel.from_pretrained(fresh, path)
     assert torch.equal(_logits(loaded), trained_logits)
-    trained_w = dict(model.base_model.named_parameters())
-    for name, p in loaded.base_model.named_parameters():
+    trained_w = dict(model.model.named_parameters())
+    for name, p in loaded.model.named_parameters():
         assert torch.equal(p, trained_w[name]), name
         assert not p.requires_grad  # is_trainable=False by default
     meta = json.loads((path / "layerselect_adapter.json").read_text())
@@ -152,7 +152,7 @@ def test_lossy_bf16_deltas_report_their_error(tmp_path):
     assert rec["exact"] is False and rec["patched_elements"] == 0
     fresh = tiny_model("llama", dtype=torch.float32)
     load_deltas(fresh, path)
-    trained = dict(model.base_model.named_parameters())
+    trained = dict(model.model.named_parameters())
     got = dict(fresh.named_parameters())
     err2 = norm2 = 0.0
     max_err = 0.0
@@ -172,7 +172,7 @@ def test_load_deltas_with_scale(tmp_path):
     base = tiny_model("llama", dtype=torch.float32)
     original = {n: p.detach().clone() for n, p in base.named_parameters()}
     load_deltas(base, path, scale=0.5)
-    trained = dict(model.base_model.named_parameters())
+    trained = dict(model.model.named_parameters())
     for n, p in base.named_parameters():
         want = original[n] + 0.5 * (trained[n] - original[n]) if n in trained and n in model.target_names else original[n]
         torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=1e-6)
@@ -224,7 +224,7 @@ def test_wrong_base_is_refused_and_strict_false_applies(tmp_path):
 def test_applying_twice_is_refused(tmp_path):
     model, path = _trained_adapter(tmp_path)
     with pytest.raises(BaseModelMismatchError, match="already has this adapter merged"):
-        load_deltas(model.base_model, path)
+        load_deltas(model.model, path)
 
 
 @pytest.mark.parametrize(
@@ -325,7 +325,7 @@ def test_crash_during_save_leaves_the_previous_adapter_intact(tmp_path, monkeypa
 def test_from_pretrained_trainable_continues_relative_to_the_original_base(tmp_path):
     model, path = _trained_adapter(tmp_path)
     cont = SelectiveFFNModel.from_pretrained(tiny_model("llama", dtype=torch.float32), path, is_trainable=True)
-    assert {n for n, p in cont.base_model.named_parameters() if p.requires_grad} == set(model.target_names)
+    assert {n for n, p in cont.model.named_parameters() if p.requires_grad} == set(model.target_names)
     _train(cont)
     cont.save_pretrained(tmp_path / "second")
     # the second adapter applies to the original base (its fingerprint), not to the first result
@@ -342,7 +342,7 @@ def test_patches_side_file_is_written_when_needed_and_checked(tmp_path):
         assert sum(fh.get_tensor(k).numel() for k in list(fh.keys()) if k.endswith(":index")) == n
     # without the patches the load would not be exact: they matter
     fresh = dict(tiny_model("llama", dtype=torch.float32).named_parameters())
-    trained = dict(model.base_model.named_parameters())
+    trained = dict(model.model.named_parameters())
     deltas = adapter_io.read_adapter(path).load_tensors()
     off = sum(int((adapter_io.apply_delta(fresh[k].detach(), d) != trained[k]).sum()) for k, d in deltas.items())
     assert off == n

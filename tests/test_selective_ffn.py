@@ -141,11 +141,27 @@ def test_only_targeted_matrices_train_even_with_weight_decay():
     expected = {f"model.layers.{i}.mlp.{m}_proj.weight" for i in (1, 3) for m in ("gate", "down")}
     assert {n for n, p in base.named_parameters() if p.requires_grad} == expected
     assert set(model.target_names) == expected
-    assert model.base_model is base  # no copy of the model
+    assert model.model is base  # no copy of the model
     _train(model, opt_cls=torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
     after = base.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == expected
+
+
+def test_wrapped_model_is_model_and_base_model_is_deprecated():
+    base = tiny_model("llama", dtype=torch.float32)
+    slam = get_slam_model(base, SelectiveFFNConfig(layers=[1]))
+    assert slam.model is base and slam.get_base_model() is base
+    with pytest.warns(DeprecationWarning, match=r"use SelectiveFFNModel\.model or get_base_model\(\)"):
+        assert slam.base_model is base
+    # state dicts keyed the old way (base_model.<name>) still load into the wrapper
+    with torch.no_grad():
+        base.model.layers[1].mlp.up_proj.weight.add_(1.0)
+    saved = {k.replace("model.", "base_model.", 1): v.clone() for k, v in slam.state_dict().items()}
+    assert all(k.startswith("base_model.model.") or k.startswith("base_model.lm_head") for k in saved)
+    other = get_slam_model(tiny_model("llama", dtype=torch.float32), SelectiveFFNConfig(layers=[1]))
+    other.load_state_dict(saved)
+    assert torch.equal(other.model.model.layers[1].mlp.up_proj.weight, base.model.layers[1].mlp.up_proj.weight)
 
 
 def test_fused_gate_up_partial_target_masks_the_other_half():

@@ -34,6 +34,7 @@ import dataclasses
 import os
 import shutil
 import tempfile
+import warnings
 import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -105,6 +106,13 @@ class _Reference:
             self._file = None
 
 
+def _rename_legacy_keys(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load wrapper state dicts saved when the wrapped model was stored as ``base_model``."""
+    old = prefix + "base_model."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + "model." + key[len(old):]] = state_dict.pop(key)
+
+
 @dataclasses.dataclass
 class _Target:
     name: str
@@ -173,7 +181,7 @@ class SelectiveFFNModel(nn.Module):
         if isinstance(model, SelectiveFFNModel):
             raise InvalidInputError("the model is already a SelectiveFFNModel; wrap the base model once")
         model = unwrap_model(model)
-        self.base_model = model
+        self.model = model  # the wrapped transformers model, named as in PEFT's tuner classes
         if config.base_model_name_or_path is None:
             name = getattr(getattr(model, "config", None), "name_or_path", None) or None
             config = dataclasses.replace(config, base_model_name_or_path=name)
@@ -191,19 +199,39 @@ class SelectiveFFNModel(nn.Module):
         self._reference = _Reference({t.name: t.param for t in targets}, mode) if mode else None
         self._base_dtypes = {t.name: t.param.dtype for t in targets}
         self._set_trainable(trainable)
+        self._register_load_state_dict_pre_hook(_rename_legacy_keys)
 
     # -- attribute delegation ------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_model":
+            if name == "model":
                 raise
-            return getattr(self.base_model, name)
+            return getattr(self.model, name)
 
     def get_base_model(self) -> nn.Module:
-        """The wrapped transformers model (weights shared, not copied)."""
-        return self.base_model
+        """The wrapped transformers model (weights shared, not copied), as in PEFT.
+
+        Example:
+            >>> slam.get_base_model() is slam.model   # doctest: +SKIP
+            True
+        """
+        return self.model
+
+    @property
+    def base_model(self) -> nn.Module:
+        """Deprecated: the wrapped model is :attr:`model` (or :meth:`get_base_model`).
+
+        In PEFT ``PeftModel.base_model`` is the tuner and in transformers
+        ``model.base_model`` is the trunk without the head; the name misled.
+        """
+        warnings.warn(
+            "SelectiveFFNModel.base_model is deprecated; use SelectiveFFNModel.model or get_base_model()",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.model
 
     def forward(
         self,
@@ -213,17 +241,17 @@ class SelectiveFFNModel(nn.Module):
         **kwargs: Any,
     ) -> Any:
         """Same as the base model's forward (named arguments keep HF Trainer's column filtering working)."""
-        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.generate(*args, **kwargs)
+        return self.model.generate(*args, **kwargs)
 
     # -- trainability ----------------------------------------------------------------------
     def _set_trainable(self, trainable: bool) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        for p in self.base_model.parameters():
+        for p in self.model.parameters():
             p.requires_grad_(False)
         if not trainable:
             return
@@ -243,7 +271,7 @@ class SelectiveFFNModel(nn.Module):
     def _refresh_parameters(self) -> None:
         """Re-resolve the targeted parameters by name after a wrapper replaced them (FSDP2's
         ``fully_shard`` swaps in ``DTensor`` parameters), and re-apply trainability and hooks."""
-        params = dict(self.base_model.named_parameters())
+        params = dict(self.model.named_parameters())
         for t in self._targets:
             t.param = params[t.name]
         self._set_trainable(any(p.requires_grad for p in params.values()))
@@ -263,7 +291,7 @@ class SelectiveFFNModel(nn.Module):
         """``(trainable, total)`` parameter counts (masked rows of a fused matrix do not count)."""
         partial = {id(t.param): t for t in self._targets if t.frozen_rows is not None}
         trainable = total = 0
-        for p in self.base_model.parameters():
+        for p in self.model.parameters():
             n = _numel(p)
             total += n
             if p.requires_grad:
@@ -283,7 +311,7 @@ class SelectiveFFNModel(nn.Module):
         Frozen embeddings produce outputs without ``requires_grad``; the input hook
         keeps gradients flowing to the trainable layers under reentrant checkpointing.
         """
-        base = self.base_model
+        base = self.model
         if hasattr(base, "activation_checkpointing_enable"):
             base.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
         else:
@@ -360,13 +388,12 @@ class SelectiveFFNModel(nn.Module):
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        for n, p in self.base_model.named_parameters():
+        for n, p in self.model.named_parameters():
             p.requires_grad_(self._orig_requires_grad.get(n, p.requires_grad))
         if self._reference is not None:
             self._reference.close()
             self._reference = None
-        base = self.base_model
-        return base
+        return self.model
 
     # -- saving ----------------------------------------------------------------------------
     def _trained_tensor(self, target: _Target, state_dict: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
@@ -374,7 +401,7 @@ class SelectiveFFNModel(nn.Module):
             assert self._stash is not None
             return self._stash[target.name]
         if state_dict is not None:
-            for key in (target.name, f"base_model.{target.name}"):
+            for key in (target.name, f"model.{target.name}"):
                 if key in state_dict:
                     return state_dict[key]
             for key, value in state_dict.items():  # other wrappers add their own prefixes
@@ -423,7 +450,7 @@ class SelectiveFFNModel(nn.Module):
             fingerprint[t.name] = fingerprint_tensor(base)
         if ref is None:
             return
-        cfg = getattr(self.base_model, "config", None)
+        cfg = getattr(self.model, "config", None)
         base_info = {
             "name_or_path": self.adapter_config.base_model_name_or_path,
             "model_type": getattr(cfg, "model_type", None),
