@@ -15,6 +15,7 @@ from layerselect.selective_ffn import (
     SelectiveFFNModel,
     get_slam_model,
     load_deltas,
+    writing,
 )
 from layerselect.selective_ffn import io as adapter_io
 from tiny import FAMILIES, IDS, tiny_model
@@ -110,7 +111,7 @@ def test_adapter_config_records_provenance(tmp_path):
 
     model, path = _trained_adapter(tmp_path, base_model_name_or_path="my/base")
     meta = json.loads((path / "layerselect_adapter.json").read_text())
-    assert meta["format_version"] == adapter_io.FORMAT_VERSION
+    assert meta["format_version"] == adapter_io.ADAPTER_FORMAT_VERSION
     assert meta["library_version"] == __version__
     assert meta["base_model_name_or_path"] == "my/base"
     assert meta["layers"] == [0, 2] and meta["target_modules"] == ["up", "down"]
@@ -135,7 +136,7 @@ def test_deltas_are_exact_where_naive_subtraction_is_not():
     assert (naive != trained).sum() > 100  # the problem is real
     res = adapter_io.compute_delta(trained, base, torch.float32)
     rebuilt = adapter_io.apply_delta(base, res.delta)
-    adapter_io._apply_patch(rebuilt, res.patch_index, res.patch_bits)
+    adapter_io.apply_patch(rebuilt, res.patch_index, res.patch_bits)
     assert torch.equal(rebuilt.view(torch.int32), trained.view(torch.int32))
     assert res.mismatched == 0
     # patches exactly where float32 subtraction is inexact; Sterbenz: never when t/2 <= b <= 2t
@@ -258,7 +259,7 @@ def _corrupt_truncate(path):
 def _newer_version(path):
     c = path / "layerselect_adapter.json"
     meta = json.loads(c.read_text())
-    meta["format_version"] = adapter_io.FORMAT_VERSION + 1
+    meta["format_version"] = adapter_io.ADAPTER_FORMAT_VERSION + 1
     c.write_text(json.dumps(meta))
 
 
@@ -276,7 +277,7 @@ def _missing_weights(path):
     [
         (_corrupt_flip, "does not match the checksum"),
         (_corrupt_truncate, "does not match the checksum"),
-        (_newer_version, rf"format version {adapter_io.FORMAT_VERSION + 1}.*Upgrade layerselect"),
+        (_newer_version, rf"format version {adapter_io.ADAPTER_FORMAT_VERSION + 1}.*Upgrade layerselect"),
         (_bad_json, "not valid JSON"),
         (_missing_weights, "layerselect_deltas.safetensors is missing"),
     ],
@@ -312,7 +313,7 @@ def test_crash_during_save_leaves_the_previous_adapter_intact(tmp_path, monkeypa
             fh.write(b"partial write")
         raise OSError("simulated crash: disk full")
 
-    monkeypatch.setattr(adapter_io, "save_file", crash)
+    monkeypatch.setattr(writing, "save_file", crash)
     with pytest.raises(OSError, match="simulated crash"):
         model.save_pretrained(path)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == first_files

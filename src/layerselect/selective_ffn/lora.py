@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from .._io import atomic_directory, write_json
 from ..errors import InvalidInputError
-from .io import _TENSOR_NAME, read_adapter
+from .adapter_file import TENSOR_NAME, read_adapter
 
 __all__ = ["LoraExport", "export_lora", "lora_factors"]
 
@@ -134,7 +134,7 @@ def export_lora(
     modules: set[str] = set()
     prefixes: set[str] = set()
     for name in sorted(deltas):
-        m = _TENSOR_NAME.match(name)
+        m = TENSOR_NAME.match(name)
         if m is None:  # read_adapter already refuses these; kept as a guard
             raise InvalidInputError(f"unexpected tensor name {name} in {adapter}")
         a, b, _ = lora_factors(deltas[name], r_req)
