@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from layerselect.errors import BaseModelMismatchError, FormatError
 from layerselect.selective_ffn import (
@@ -297,9 +298,14 @@ def test_damaged_adapters_are_refused_and_nothing_is_applied(tmp_path, damage, m
 def test_truncated_file_is_caught_by_the_header_check_too(tmp_path):
     _, path = _trained_adapter(tmp_path)
     f = path / "layerselect_deltas.safetensors"
+    # a whole file: every tensor's dtype and shape, as the tensors themselves have them
+    infos = adapter_io.read_safetensors_header(f)
+    assert {n: (i.dtype, i.shape) for n, i in infos.items()} == {
+        n: (t.dtype, tuple(t.shape)) for n, t in load_file(str(f)).items()}
     f.write_bytes(f.read_bytes()[:-100])
-    with pytest.raises(FormatError, match="truncated"):
+    with pytest.raises(FormatError, match="truncated") as exc:
         adapter_io.read_safetensors_header(f)
+    assert str(f) in str(exc.value)
 
 
 def test_crash_during_save_leaves_the_previous_adapter_intact(tmp_path, monkeypatch):

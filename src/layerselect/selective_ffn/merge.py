@@ -11,7 +11,8 @@ Memory: shards are never loaded whole. One shard is open at a time, through
 and written before the next one is read, and untouched tensors are copied in
 slices of about 16 MiB (``get_slice``). Peak memory is therefore about the largest
 *targeted tensor* (times three: the read, the float32 sum, the result) plus the
-adapter's deltas, independent of shard and model size.
+adapter's deltas, independent of shard and model size (the open shard is
+memory-mapped by safetensors: page cache the OS can drop, not allocated memory).
 
 Example:
     >>> from layerselect.selective_ffn import merge_checkpoint
