@@ -95,7 +95,7 @@ def main() -> None:
         if name == "selective":
             layers = [int(x) for x in args.layers.split(",")]
             slam = get_slam_model(model, SelectiveFFNConfig(layers=layers))
-            model = slam.base_model
+            model = slam.model
         else:
             for prm in model.parameters():
                 prm.requires_grad_(True)

@@ -175,8 +175,8 @@ def main() -> None:
                                   ignore_index=-100, reduction="sum")
             # FSDP averages gradients over ranks: scale back to a sum over the global batch.
             loss = nll * world / n_tokens
-            if hasattr(slam.base_model, "set_requires_gradient_sync"):
-                slam.base_model.set_requires_gradient_sync(a == len(chunks) - 1)
+            if hasattr(slam.model, "set_requires_gradient_sync"):
+                slam.model.set_requires_gradient_sync(a == len(chunks) - 1)
             loss.backward()
             total += float(nll.detach())
         optimizer.step()

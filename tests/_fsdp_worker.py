@@ -71,7 +71,7 @@ def main(rank: int, world: int, port: str, out: str) -> None:
     # 1. statistics with the model sharded (7 batches: the ranks get 4 and 3 -> unequal forward counts)
     model = tiny_model("llama")
     slam = shard_slam_model(get_slam_model(model, SelectiveFFNConfig(layers=[0])))
-    stats = ActivationStats.collect(slam.base_model, tiny_tokenizer(), tiny_texts(5), batch_size=3, progress=False)
+    stats = ActivationStats.collect(slam.model, tiny_tokenizer(), tiny_texts(5), batch_size=3, progress=False)
     stats.save(os.path.join(out, f"stats{rank}"))
 
     # 2. adapter under FSDP: gathers one matrix at a time; peak memory vs a full-state-dict gather
@@ -89,7 +89,7 @@ def main(rank: int, world: int, port: str, out: str) -> None:
     def gather_everything() -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        full = get_model_state_dict(slam.base_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = get_model_state_dict(slam.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         result["control_keys"] = len(full)
 
     result["control_increase"] = peak_increase(gather_everything)
@@ -105,7 +105,7 @@ def main(rank: int, world: int, port: str, out: str) -> None:
     before = dict(model.named_parameters())[name].detach().clone()
     slam = shard_slam_model(get_slam_model(model, SelectiveFFNConfig(layers=[1])))
     train_step(slam, global_batch(320)[rank * 4 // world:(rank + 1) * 4 // world], world)
-    after = gather_full(dict(slam.base_model.named_parameters())[name])
+    after = gather_full(dict(slam.model.named_parameters())[name])
     half = before.shape[0] // 2
     result["gate_rows_equal"] = bool(torch.equal(after[:half], before[:half]))
     result["up_rows_changed"] = float((after[half:] - before[half:]).abs().max())

@@ -65,9 +65,9 @@ def fail_at(step: int) -> Iterator[list[str]]:
     wrap(_io, "atomic_write_text")
     wrap(st, "save_file")
     from layerselect import stats
-    from layerselect.selective_ffn import io as adapter_io
+    from layerselect.selective_ffn import writing as adapter_writing
 
-    for module in (stats, adapter_io):
+    for module in (stats, adapter_writing):
         if hasattr(module, "save_file"):
             wrap(module, "save_file")
     try:

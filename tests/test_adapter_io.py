@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from layerselect.errors import BaseModelMismatchError, FormatError
 from layerselect.selective_ffn import (
@@ -15,6 +16,7 @@ from layerselect.selective_ffn import (
     SelectiveFFNModel,
     get_slam_model,
     load_deltas,
+    writing,
 )
 from layerselect.selective_ffn import io as adapter_io
 from tiny import FAMILIES, IDS, tiny_model
@@ -64,8 +66,8 @@ def test_round_trip_every_family_is_exact(tmp_path, family):
     assert not torch.equal(_logits(fresh), trained_logits)
     loaded = SelectiveFFNModel.from_pretrained(fresh, path)
     assert torch.equal(_logits(loaded), trained_logits)
-    trained_w = dict(model.base_model.named_parameters())
-    for name, p in loaded.base_model.named_parameters():
+    trained_w = dict(model.model.named_parameters())
+    for name, p in loaded.model.named_parameters():
         assert torch.equal(p, trained_w[name]), name
         assert not p.requires_grad  # is_trainable=False by default
     meta = json.loads((path / "layerselect_adapter.json").read_text())
@@ -110,7 +112,7 @@ def test_adapter_config_records_provenance(tmp_path):
 
     model, path = _trained_adapter(tmp_path, base_model_name_or_path="my/base")
     meta = json.loads((path / "layerselect_adapter.json").read_text())
-    assert meta["format_version"] == adapter_io.FORMAT_VERSION
+    assert meta["format_version"] == adapter_io.ADAPTER_FORMAT_VERSION
     assert meta["library_version"] == __version__
     assert meta["base_model_name_or_path"] == "my/base"
     assert meta["layers"] == [0, 2] and meta["target_modules"] == ["up", "down"]
@@ -135,7 +137,7 @@ def test_deltas_are_exact_where_naive_subtraction_is_not():
     assert (naive != trained).sum() > 100  # the problem is real
     res = adapter_io.compute_delta(trained, base, torch.float32)
     rebuilt = adapter_io.apply_delta(base, res.delta)
-    adapter_io._apply_patch(rebuilt, res.patch_index, res.patch_bits)
+    adapter_io.apply_patch(rebuilt, res.patch_index, res.patch_bits)
     assert torch.equal(rebuilt.view(torch.int32), trained.view(torch.int32))
     assert res.mismatched == 0
     # patches exactly where float32 subtraction is inexact; Sterbenz: never when t/2 <= b <= 2t
@@ -152,7 +154,7 @@ def test_lossy_bf16_deltas_report_their_error(tmp_path):
     assert rec["exact"] is False and rec["patched_elements"] == 0
     fresh = tiny_model("llama", dtype=torch.float32)
     load_deltas(fresh, path)
-    trained = dict(model.base_model.named_parameters())
+    trained = dict(model.model.named_parameters())
     got = dict(fresh.named_parameters())
     err2 = norm2 = 0.0
     max_err = 0.0
@@ -172,7 +174,7 @@ def test_load_deltas_with_scale(tmp_path):
     base = tiny_model("llama", dtype=torch.float32)
     original = {n: p.detach().clone() for n, p in base.named_parameters()}
     load_deltas(base, path, scale=0.5)
-    trained = dict(model.base_model.named_parameters())
+    trained = dict(model.model.named_parameters())
     for n, p in base.named_parameters():
         want = original[n] + 0.5 * (trained[n] - original[n]) if n in trained and n in model.target_names else original[n]
         torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=1e-6)
@@ -224,7 +226,7 @@ def test_wrong_base_is_refused_and_strict_false_applies(tmp_path):
 def test_applying_twice_is_refused(tmp_path):
     model, path = _trained_adapter(tmp_path)
     with pytest.raises(BaseModelMismatchError, match="already has this adapter merged"):
-        load_deltas(model.base_model, path)
+        load_deltas(model.model, path)
 
 
 @pytest.mark.parametrize(
@@ -258,7 +260,7 @@ def _corrupt_truncate(path):
 def _newer_version(path):
     c = path / "layerselect_adapter.json"
     meta = json.loads(c.read_text())
-    meta["format_version"] = adapter_io.FORMAT_VERSION + 1
+    meta["format_version"] = adapter_io.ADAPTER_FORMAT_VERSION + 1
     c.write_text(json.dumps(meta))
 
 
@@ -276,7 +278,7 @@ def _missing_weights(path):
     [
         (_corrupt_flip, "does not match the checksum"),
         (_corrupt_truncate, "does not match the checksum"),
-        (_newer_version, rf"format version {adapter_io.FORMAT_VERSION + 1}.*Upgrade layerselect"),
+        (_newer_version, rf"format version {adapter_io.ADAPTER_FORMAT_VERSION + 1}.*Upgrade layerselect"),
         (_bad_json, "not valid JSON"),
         (_missing_weights, "layerselect_deltas.safetensors is missing"),
     ],
@@ -296,9 +298,14 @@ def test_damaged_adapters_are_refused_and_nothing_is_applied(tmp_path, damage, m
 def test_truncated_file_is_caught_by_the_header_check_too(tmp_path):
     _, path = _trained_adapter(tmp_path)
     f = path / "layerselect_deltas.safetensors"
+    # a whole file: every tensor's dtype and shape, as the tensors themselves have them
+    infos = adapter_io.read_safetensors_header(f)
+    assert {n: (i.dtype, i.shape) for n, i in infos.items()} == {
+        n: (t.dtype, tuple(t.shape)) for n, t in load_file(str(f)).items()}
     f.write_bytes(f.read_bytes()[:-100])
-    with pytest.raises(FormatError, match="truncated"):
+    with pytest.raises(FormatError, match="truncated") as exc:
         adapter_io.read_safetensors_header(f)
+    assert str(f) in str(exc.value)
 
 
 def test_crash_during_save_leaves_the_previous_adapter_intact(tmp_path, monkeypatch):
@@ -312,7 +319,7 @@ def test_crash_during_save_leaves_the_previous_adapter_intact(tmp_path, monkeypa
             fh.write(b"partial write")
         raise OSError("simulated crash: disk full")
 
-    monkeypatch.setattr(adapter_io, "save_file", crash)
+    monkeypatch.setattr(writing, "save_file", crash)
     with pytest.raises(OSError, match="simulated crash"):
         model.save_pretrained(path)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == first_files
@@ -325,7 +332,7 @@ def test_crash_during_save_leaves_the_previous_adapter_intact(tmp_path, monkeypa
 def test_from_pretrained_trainable_continues_relative_to_the_original_base(tmp_path):
     model, path = _trained_adapter(tmp_path)
     cont = SelectiveFFNModel.from_pretrained(tiny_model("llama", dtype=torch.float32), path, is_trainable=True)
-    assert {n for n, p in cont.base_model.named_parameters() if p.requires_grad} == set(model.target_names)
+    assert {n for n, p in cont.model.named_parameters() if p.requires_grad} == set(model.target_names)
     _train(cont)
     cont.save_pretrained(tmp_path / "second")
     # the second adapter applies to the original base (its fingerprint), not to the first result
@@ -342,7 +349,7 @@ def test_patches_side_file_is_written_when_needed_and_checked(tmp_path):
         assert sum(fh.get_tensor(k).numel() for k in list(fh.keys()) if k.endswith(":index")) == n
     # without the patches the load would not be exact: they matter
     fresh = dict(tiny_model("llama", dtype=torch.float32).named_parameters())
-    trained = dict(model.base_model.named_parameters())
+    trained = dict(model.model.named_parameters())
     deltas = adapter_io.read_adapter(path).load_tensors()
     off = sum(int((adapter_io.apply_delta(fresh[k].detach(), d) != trained[k]).sum()) for k, d in deltas.items())
     assert off == n

@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from layerselect.cli import main
@@ -17,6 +18,7 @@ from layerselect.selective_ffn import (
     get_slam_model,
     merge_checkpoint,
 )
+from layerselect.selective_ffn import merge as merge_module
 from tiny import IDS, tiny_model
 
 # Tiny models run faster single-threaded, especially on a busy machine.
@@ -112,3 +114,28 @@ def test_merge_can_cast_to_the_training_dtype(setup, tmp_path):
 
 def _shard_of(d, name):
     return json.loads((d / "model.safetensors.index.json").read_text())["weight_map"][name]
+
+
+def test_untouched_tensors_are_copied_bit_for_bit_in_small_slices(tmp_path, monkeypatch):
+    base = tiny_model("llama", dtype=torch.bfloat16)
+    slam = get_slam_model(base, SelectiveFFNConfig(layers=[1]))
+    base.save_pretrained(tmp_path / "base")  # one model.safetensors
+    slam.model.model.layers[1].mlp.up_proj.weight.data.add_(0.5)
+    slam.save_pretrained(tmp_path / "adapter")
+    single = tmp_path / "base" / "model.safetensors"
+    tensors = load_file(str(single))
+    odd = {"extra.scalar": torch.tensor(3.5, dtype=torch.float64), "extra.empty": torch.zeros(0, 4),
+           "extra.mask": torch.tensor([True, False, True]), "extra.ids": torch.arange(7, dtype=torch.int64)}
+    save_file({**tensors, **odd}, str(single), metadata={"format": "pt", "note": "kept"})
+    monkeypatch.setattr(merge_module, "_CHUNK", 100)  # a few rows per slice: many pieces per tensor
+    out = merge_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", progress=False)
+    merged = load_file(str(out / "model.safetensors"))
+    target = "model.layers.1.mlp.up_proj.weight"
+    assert set(merged) == set(tensors) | set(odd)
+    for name, t in {**tensors, **odd}.items():
+        if name != target:
+            assert merged[name].dtype == t.dtype and torch.equal(merged[name], t), name
+    # independent: the trained weight the wrapper holds, bit for bit
+    assert torch.equal(merged[target], slam.model.model.layers[1].mlp.up_proj.weight)
+    with safe_open(str(out / "model.safetensors"), "pt") as fh:
+        assert fh.metadata() == {"format": "pt", "note": "kept"}

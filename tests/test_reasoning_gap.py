@@ -180,7 +180,7 @@ def test_cli_base_adapter_and_merged(gap_files, tmp_path, capsys):
     # an adapter that changes layer 1's FFN: --adapter and the merged checkpoint agree with the in-memory model
     slam = get_slam_model(model, SelectiveFFNConfig(layers=[1]))
     with torch.no_grad():
-        slam.base_model.model.layers[1].mlp.up_proj.weight.mul_(1.5)
+        slam.model.model.layers[1].mlp.up_proj.weight.mul_(1.5)
     slam.save_pretrained(tmp_path / "adapter")
     trained = reasoning_gap(slam, tok, QUESTIONS, SOLUTIONS, bootstrap=0)
     assert abs(trained["nll"]["de"] - want["nll"]["de"]) > 1e-3

@@ -75,7 +75,7 @@ def test_plot_base_vs_trained_with_11_distinct_colours(tmp_path):
     base, tok = tiny_model("llama"), tiny_tokenizer()
     slam = get_slam_model(tiny_model("llama"), SelectiveFFNConfig(layers=[0]))
     with torch.no_grad():
-        slam.base_model.model.layers[0].mlp.down_proj.weight.mul_(3.0)
+        slam.model.model.layers[0].mlp.down_proj.weight.mul_(3.0)
     fig = plot_representations(base, tok, texts11(), [0, 3], trained=slam, path=tmp_path / "rep.png")
     assert (tmp_path / "rep.png").read_bytes()[:4] == b"\x89PNG"
     axes = fig.get_axes()
@@ -98,7 +98,7 @@ def test_plot_representations_cli(tmp_path, capsys):
         (data / f"mgsm_{lang}.tsv").write_text("".join(f"{q}\t1\n" for q in qs), encoding="utf-8")
     slam = get_slam_model(model, SelectiveFFNConfig(layers=[1]))
     with torch.no_grad():
-        slam.base_model.model.layers[1].mlp.up_proj.weight.mul_(2.0)
+        slam.model.model.layers[1].mlp.up_proj.weight.mul_(2.0)
     slam.save_pretrained(tmp_path / "ad")
     rc = main(["plot", "--representations", "--model", str(tmp_path / "m"), "--adapter", str(tmp_path / "ad"),
                "--data", f"mgsm:{data}", "--layers", "1,3", "--format", "png", "--out", str(tmp_path / "figs")])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -45,6 +46,17 @@ def test_config_defaults_and_json_round_trip(tmp_path):
     assert SelectiveFFNConfig(layers=[0], target_modules="all").target_modules == ["gate", "up", "down"]
     assert SelectiveFFNConfig(layers=[0], target_modules=["down_proj", "gate_up_proj"]).target_modules == [
         "gate", "up", "down"]
+
+
+def test_config_fields_carry_help_and_the_saved_json_keeps_its_keys():
+    cfg = SelectiveFFNConfig(layers=[2], base_model_name_or_path="m", delta_dtype="bfloat16")
+    for f in dataclasses.fields(SelectiveFFNConfig):
+        assert len(f.metadata.get("help", "")) > 20, f.name
+    # the adapter JSON written by earlier versions: same keys, same values
+    assert json.loads(cfg.to_json_string()) == {
+        "layers": [2], "target_modules": ["up", "down"], "base_model_name_or_path": "m",
+        "delta_dtype": "bfloat16", "selection": None,
+    }
 
 
 class _FakeSelection:
@@ -129,11 +141,27 @@ def test_only_targeted_matrices_train_even_with_weight_decay():
     expected = {f"model.layers.{i}.mlp.{m}_proj.weight" for i in (1, 3) for m in ("gate", "down")}
     assert {n for n, p in base.named_parameters() if p.requires_grad} == expected
     assert set(model.target_names) == expected
-    assert model.base_model is base  # no copy of the model
+    assert model.model is base  # no copy of the model
     _train(model, opt_cls=torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
     after = base.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == expected
+
+
+def test_wrapped_model_is_model_and_base_model_is_deprecated():
+    base = tiny_model("llama", dtype=torch.float32)
+    slam = get_slam_model(base, SelectiveFFNConfig(layers=[1]))
+    assert slam.model is base and slam.get_base_model() is base
+    with pytest.warns(DeprecationWarning, match=r"use SelectiveFFNModel\.model or get_base_model\(\)"):
+        assert slam.base_model is base
+    # state dicts keyed the old way (base_model.<name>) still load into the wrapper
+    with torch.no_grad():
+        base.model.layers[1].mlp.up_proj.weight.add_(1.0)
+    saved = {k.replace("model.", "base_model.", 1): v.clone() for k, v in slam.state_dict().items()}
+    assert all(k.startswith("base_model.model.") or k.startswith("base_model.lm_head") for k in saved)
+    other = get_slam_model(tiny_model("llama", dtype=torch.float32), SelectiveFFNConfig(layers=[1]))
+    other.load_state_dict(saved)
+    assert torch.equal(other.model.model.layers[1].mlp.up_proj.weight, base.model.layers[1].mlp.up_proj.weight)
 
 
 def test_fused_gate_up_partial_target_masks_the_other_half():

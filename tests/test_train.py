@@ -65,7 +65,7 @@ def test_training_changes_only_selected_matrices_and_loss_falls(tmp_path):
     # adapter holds exactly the selected deltas and reloads onto a fresh base bit for bit
     assert set(load_file(str(adapter / "layerselect_deltas.safetensors"))) == SELECTED
     fresh = SelectiveFFNModel.from_pretrained(tiny_model("llama", dtype=torch.float32), adapter)
-    fresh_sd = fresh.state_dict() if not hasattr(fresh, "base_model") else fresh.base_model.state_dict()
+    fresh_sd = fresh.model.state_dict()
     for name in SELECTED:
         key = next(k for k in fresh_sd if k.endswith(name))
         assert torch.equal(fresh_sd[key], model.state_dict()[name])

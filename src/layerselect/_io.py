@@ -64,7 +64,7 @@ def check_output_path(target: str | os.PathLike[str], marker: str | None, *, ove
             shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
             raise InvalidInputError(
                 f"{what} {target} already holds files that are not a layerselect {what} ({shown}); "
-                "choose a new or empty folder, or pass overwrite=True / --overwrite to replace it whole"
+                "choose a new or empty folder, or pass overwrite=True to replace it whole"
             )
     parent = _existing_ancestor(target.parent)
     if not os.access(parent, os.W_OK | os.X_OK):

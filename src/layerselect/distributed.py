@@ -142,7 +142,7 @@ def trainable_parameters(slam: nn.Module) -> list[nn.Parameter]:
 def _decoder_layers(slam: Any) -> list[nn.Module]:
     from .arch import get_layout
 
-    return list(get_layout(slam.base_model).layers)
+    return list(get_layout(slam.model).layers)
 
 
 def shard_slam_model(slam: Any, *, mesh: Any = None, reshard_after_forward: bool = True, **fsdp_kwargs: Any) -> Any:
@@ -168,19 +168,19 @@ def shard_slam_model(slam: Any, *, mesh: Any = None, reshard_after_forward: bool
         )
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         raise InvalidInputError("shard_slam_model needs torch.distributed initialised (launch with torchrun)")
-    if is_sharded(slam.base_model):
+    if is_sharded(slam.model):
         raise InvalidInputError("the model is already sharded")
     if mesh is None:
         from torch.distributed.device_mesh import init_device_mesh
 
-        device = next(slam.base_model.parameters()).device
+        device = next(slam.model.parameters()).device
         mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     kwargs = dict(mesh=mesh, reshard_after_forward=reshard_after_forward, **fsdp_kwargs)
     for layer in _decoder_layers(slam):
         fully_shard(layer, **kwargs)
-    fully_shard(slam.base_model, **kwargs)
+    fully_shard(slam.model, **kwargs)
     slam._refresh_parameters()
-    modules = dict(slam.base_model.named_modules())
+    modules = dict(slam.model.named_modules())
     for t in slam._targets:
         if t.frozen_rows is not None:  # fused gate_up with one half trained: keep the other half frozen
             owner = modules[t.name.removesuffix(".weight")]
@@ -248,7 +248,7 @@ def save_checkpoint(
         )
 
         optim_state = get_optimizer_state_dict(
-            slam.base_model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            slam.model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
     if main:
         save_file(exact, str(out / TRAINABLE_WEIGHTS_NAME))
@@ -304,7 +304,7 @@ def load_checkpoint(
 
         optim_state = torch.load(path / _OPTIMIZER_NAME, map_location="cpu", weights_only=True)
         set_optimizer_state_dict(
-            slam.base_model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True)
+            slam.model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True)
         )
     if scheduler is not None:
         scheduler.load_state_dict(torch.load(path / _SCHEDULER_NAME, map_location="cpu", weights_only=True))

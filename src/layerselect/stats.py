@@ -41,10 +41,10 @@ from safetensors.torch import load_file, save_file
 from ._io import atomic_directory, check_format_version, read_json, write_json
 from .errors import FormatError, IncompatibleStatsError, InvalidInputError
 
-__all__ = ["ActivationStats", "Overlap", "FORMAT_VERSION", "DEFINITIONS_VERSION"]
+__all__ = ["ActivationStats", "Overlap", "STATS_FORMAT_VERSION", "DEFINITIONS_VERSION"]
 
 #: Version of the on-disk layout (``stats.json`` + ``stats.safetensors``).
-FORMAT_VERSION = 2
+STATS_FORMAT_VERSION = 2
 #: Version of the *definitions* (what "fired" and "token" mean); bump if they change.
 DEFINITIONS_VERSION = 1
 
@@ -374,7 +374,7 @@ class ActivationStats:
         with atomic_directory(directory, META_FILE, overwrite=overwrite, what="stats folder") as tmp:
             save_file(self._tensors(), str(tmp / TENSOR_FILE))
             meta = {
-                "format_version": FORMAT_VERSION,
+                "format_version": STATS_FORMAT_VERSION,
                 "definitions_version": DEFINITIONS_VERSION,
                 "library_version": _library_version(),
                 "groups": self.groups,
@@ -402,7 +402,7 @@ class ActivationStats:
             raise FormatError(f"{meta_path} is not a JSON object; it was not written by layerselect")
         written_by = meta.get("library_version")
         version = check_format_version(
-            meta.get("format_version"), FORMAT_VERSION, "stats", where=directory,
+            meta.get("format_version"), STATS_FORMAT_VERSION, "stats", where=directory,
             written_by=written_by if isinstance(written_by, str) else None,
         )
         recorded = meta.get("tensor_sha256")

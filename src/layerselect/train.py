@@ -597,7 +597,7 @@ def _training_module(slam: Any) -> torch.nn.Module:
 
     if isinstance(slam, PreTrainedModel):
         return slam
-    for attr in ("base_model", "model"):
+    for attr in ("model", "base_model"):
         inner = getattr(slam, attr, None)
         if isinstance(inner, PreTrainedModel):
             return inner

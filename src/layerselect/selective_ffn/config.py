@@ -22,13 +22,13 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .._io import jsonable, read_json
 from ..arch import ATTN_ROLES, ROLES, TARGET_ROLES
 from ..errors import FormatError, InvalidInputError
 
-__all__ = ["SelectiveFFNConfig", "DELTA_DTYPES", "normalize_target_modules"]
+__all__ = ["SelectiveFFNConfig", "DELTA_DTYPES", "HasLayers", "normalize_target_modules"]
 
 #: Allowed values of ``SelectiveFFNConfig.delta_dtype``. ``"auto"`` (default) stores
 #: float32 deltas for float32/bfloat16/float16 weights and float64 deltas for float64
@@ -98,6 +98,12 @@ def normalize_target_modules(targets: str | Iterable[str]) -> list[str]:
     return [r for r in TARGET_ROLES if r in roles]
 
 
+class HasLayers(Protocol):
+    """Anything with a ``.layers`` list, e.g. a :class:`layerselect.selection.Selection`."""
+
+    layers: Iterable[int]
+
+
 def _jsonable_str(value: Any) -> Any:
     """Provenance values as strict JSON (``adapter_config.json`` is read by other tools too)."""
     return jsonable(value, nonfinite="str")
@@ -142,11 +148,28 @@ class SelectiveFFNConfig:
         selection: provenance of the layer choice (free-form JSON).
     """
 
-    layers: Any
-    target_modules: Any = field(default_factory=lambda: ["up", "down"])
-    base_model_name_or_path: str | None = None
-    delta_dtype: str = "auto"
-    selection: dict[str, Any] | None = None
+    layers: Iterable[int] | HasLayers = field(
+        metadata={"help": "Decoder-layer indices whose matrices train, or a Selection (its .layers are used)."}
+    )
+    target_modules: str | list[str] = field(
+        default_factory=lambda: ["up", "down"],
+        metadata={"help": "Matrices to train: roles (gate, up, down, q, k, v, o), family names "
+                  "(up_proj, gate_up_proj, qkv_proj...) or groups (ffn/all, attn); stored as canonical roles."},
+    )
+    base_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Name or path of the base model, recorded in the adapter; filled from the "
+                  "model's config.name_or_path by get_slam_model when None."},
+    )
+    delta_dtype: str = field(
+        default="auto",
+        metadata={"help": f"How deltas are stored, one of {DELTA_DTYPES}; 'auto' is lossless "
+                  "(float32, or float64 for float64 weights), bfloat16/float16 are lossy."},
+    )
+    selection: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "Provenance of the layer choice (free-form JSON), taken from a Selection when given."},
+    )
 
     def __post_init__(self) -> None:
         layers = self.layers

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from .._io import atomic_directory, write_json
 from ..errors import InvalidInputError
-from .io import _TENSOR_NAME, read_adapter
+from .adapter_file import TENSOR_NAME, read_adapter
 
 __all__ = ["LoraExport", "export_lora", "lora_factors"]
 
@@ -104,6 +104,64 @@ def _parse_rank(rank: int | str) -> int | None:
     return rank
 
 
+def _factor_deltas(
+    deltas: dict[str, torch.Tensor], rank: int | None, dtype: torch.dtype, report: LoraExport
+) -> tuple[dict[str, torch.Tensor], set[str], set[str]]:
+    """PEFT-keyed LoRA factors of every delta, recording each matrix's rank and error in ``report``.
+
+    Returns ``(tensors, matrix names, layers paths)``.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    modules: set[str] = set()
+    prefixes: set[str] = set()
+    for name in sorted(deltas):
+        m = TENSOR_NAME.match(name)
+        if m is None:  # read_adapter already refuses these; kept as a guard
+            raise InvalidInputError(f"unexpected tensor name {name} in the adapter")
+        a, b, _ = lora_factors(deltas[name], rank)
+        a, b = a.to(dtype).contiguous(), b.to(dtype).contiguous()
+        module = name[: -len(".weight")]
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b
+        # The error of the factors as stored (after the cast), against the delta in float64.
+        d = deltas[name].to(torch.float64)
+        norm = torch.linalg.matrix_norm(d)
+        report.errors[name] = float(torch.linalg.matrix_norm(d - b.double() @ a.double()) / norm) if norm > 0 else 0.0
+        report.ranks[name] = a.shape[0]
+        modules.add(m.group("attr"))
+        prefixes.add(m.group("prefix"))
+    report.rank = max(report.ranks.values())
+    return tensors, modules, prefixes
+
+
+def _peft_config(
+    report: LoraExport, layers: list[int], modules: set[str], prefixes: set[str], base_name: str | None
+) -> dict[str, Any]:
+    """``adapter_config.json`` as ``peft.LoraConfig`` writes it, with ``lora_alpha = r`` (scaling 1)."""
+    r = report.rank
+    rank_pattern = {n[: -len(".weight")]: k for n, k in report.ranks.items() if k != r}
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_name,
+        "r": r,
+        "lora_alpha": r,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "target_modules": sorted(modules),
+        "layers_to_transform": list(layers),
+        "layers_pattern": _one_or_list(sorted({p.rsplit(".", 1)[-1] for p in prefixes})),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": dict(rank_pattern),  # alpha = r per matrix: scaling stays 1
+        "modules_to_save": None,
+    }
+
+
 def export_lora(
     adapter: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -125,55 +183,17 @@ def export_lora(
 
     Returns:
         a :class:`LoraExport` with each matrix's relative reconstruction error.
+
+    Example:
+        >>> export_lora("adapter/", "lora/", rank=64).rank   # doctest: +SKIP
+        64
     """
     r_req = _parse_rank(rank)
     src = read_adapter(adapter)
-    deltas = src.load_tensors()
-    tensors: dict[str, torch.Tensor] = {}
     report = LoraExport(path=Path(out), rank=0)
-    modules: set[str] = set()
-    prefixes: set[str] = set()
-    for name in sorted(deltas):
-        m = _TENSOR_NAME.match(name)
-        if m is None:  # read_adapter already refuses these; kept as a guard
-            raise InvalidInputError(f"unexpected tensor name {name} in {adapter}")
-        a, b, _ = lora_factors(deltas[name], r_req)
-        a, b = a.to(dtype).contiguous(), b.to(dtype).contiguous()
-        module = name[: -len(".weight")]
-        tensors[f"base_model.model.{module}.lora_A.weight"] = a
-        tensors[f"base_model.model.{module}.lora_B.weight"] = b
-        # The error of the factors as stored (after the cast), against the delta in float64.
-        d = deltas[name].to(torch.float64)
-        norm = torch.linalg.matrix_norm(d)
-        err = float(torch.linalg.matrix_norm(d - b.double() @ a.double()) / norm) if norm > 0 else 0.0
-        report.errors[name] = err
-        report.ranks[name] = a.shape[0]
-        modules.add(m.group("attr"))
-        prefixes.add(m.group("prefix"))
-    r = max(report.ranks.values())
-    report.rank = r
-    rank_pattern = {n[: -len(".weight")]: k for n, k in report.ranks.items() if k != r}
+    tensors, modules, prefixes = _factor_deltas(src.load_tensors(), r_req, dtype, report)
     base_name = base_model_name_or_path or src.config.base_model_name_or_path
-    config: dict[str, Any] = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_name,
-        "r": r,
-        "lora_alpha": r,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "target_modules": sorted(modules),
-        "layers_to_transform": list(src.config.layers),
-        "layers_pattern": _one_or_list(sorted({p.rsplit(".", 1)[-1] for p in prefixes})),
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": dict(rank_pattern),  # alpha = r per matrix: scaling stays 1
-        "modules_to_save": None,
-    }
+    config = _peft_config(report, src.config.layers, modules, prefixes, base_name)
     with atomic_directory(out, LORA_CONFIG_NAME, overwrite=overwrite, what="LoRA export") as tmp:
         save_file(tensors, str(tmp / LORA_WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / LORA_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

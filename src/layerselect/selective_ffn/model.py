@@ -32,16 +32,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import shutil
-import tempfile
-import weakref
+import warnings
 from collections.abc import Iterator, Mapping
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ..arch import get_layout, unwrap_model
@@ -59,91 +54,17 @@ from .io import (
     resolve_delta_dtype,
     write_adapter,
 )
+from .reference import Reference, ReferenceMode
+from .targets import Target, parameter_numel, resolve_targets
 
 __all__ = ["SelectiveFFNModel", "get_slam_model"]
 
-ReferenceMode = Literal["cpu", "disk"] | None
 
-
-# ----------------------------------------------------------------------------------------
-# Reference copies of the original targeted matrices
-# ----------------------------------------------------------------------------------------
-class _Reference:
-    """Original values of the targeted matrices, in host RAM or in a temporary file."""
-
-    def __init__(self, tensors: Mapping[str, torch.Tensor], mode: str):
-        self.mode = mode
-        self.names = list(tensors)
-        self.nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        self._mem: dict[str, torch.Tensor] = {}
-        self._file: Path | None = None
-        if mode == "cpu":
-            self._mem = {n: gather_full(t) for n, t in tensors.items()}  # one at a time if sharded
-        elif mode == "disk":
-            tmpdir = Path(tempfile.mkdtemp(prefix="layerselect-ref-"))
-            self._finalizer = weakref.finalize(self, shutil.rmtree, tmpdir, True)
-            self._file = tmpdir / "reference.safetensors"
-            # One tensor at a time would need a streaming writer; targets are small next to the model.
-            save_file({n: gather_full(t).contiguous() for n, t in tensors.items()}, str(self._file))
-        else:
-            raise InvalidInputError(f"reference must be 'cpu', 'disk' or None, got {mode!r}")
-
-    def get(self, name: str) -> torch.Tensor:
-        if self._file is None:
-            return self._mem[name]
-        with safe_open(str(self._file), framework="pt") as fh:
-            return fh.get_tensor(name)
-
-    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for n in self.names:
-            yield n, self.get(n)
-
-    def close(self) -> None:
-        self._mem = {}
-        if self._file is not None:
-            self._finalizer()
-            self._file = None
-
-
-@dataclasses.dataclass
-class _Target:
-    name: str
-    param: nn.Parameter
-    layer: int
-    frozen_rows: tuple[slice, ...] | None = None  # fused gate_up / qkv with only some parts targeted
-
-    @property
-    def trainable_numel(self) -> int:
-        n = _numel(self.param)
-        if self.frozen_rows is not None:
-            rows = tuple(getattr(self.param, "ds_shape", None) or self.param.shape)[0]  # ZeRO-3: full shape
-            per_row = n // rows if rows else 0
-            n -= sum(len(range(*part.indices(rows))) for part in self.frozen_rows) * per_row
-        return n
-
-
-def _numel(p: torch.Tensor) -> int:
-    # DeepSpeed ZeRO-3 partitions parameters and keeps the full size in ds_numel.
-    return int(getattr(p, "ds_numel", 0) or p.numel())
-
-
-def _resolve_targets(model: nn.Module, config: SelectiveFFNConfig) -> tuple[list[_Target], Any]:
-    layout = get_layout(model)
-    layers = layout.check_layers(config.layers)
-    params = dict(layout.model.named_parameters())
-    roles = config.target_modules
-    targets: list[_Target] = []
-    for i in layers:
-        for name in layout.parameter_names(i, roles):
-            if name not in params:
-                raise InvalidInputError(f"parameter {name} not found in {type(layout.model).__name__}")
-            frozen = None
-            parts = layout.fused_rows(i, name.removesuffix(".weight"))
-            if parts is not None:  # fused gate_up or qkv: freeze the rows of untargeted roles
-                untargeted = tuple(rows for role, rows in parts.items() if role not in roles)
-                frozen = untargeted or None
-            targets.append(_Target(name, params[name], i, frozen))
-    return targets, layout
+def _rename_legacy_keys(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load wrapper state dicts saved when the wrapped model was stored as ``base_model``."""
+    old = prefix + "base_model."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + "model." + key[len(old):]] = state_dict.pop(key)
 
 
 # ----------------------------------------------------------------------------------------
@@ -173,13 +94,13 @@ class SelectiveFFNModel(nn.Module):
         if isinstance(model, SelectiveFFNModel):
             raise InvalidInputError("the model is already a SelectiveFFNModel; wrap the base model once")
         model = unwrap_model(model)
-        self.base_model = model
+        self.model = model  # the wrapped transformers model, named as in PEFT's tuner classes
         if config.base_model_name_or_path is None:
             name = getattr(getattr(model, "config", None), "name_or_path", None) or None
             config = dataclasses.replace(config, base_model_name_or_path=name)
         self.adapter_config = config
-        targets, layout = _resolve_targets(model, config)
-        self._targets: list[_Target] = targets
+        targets, layout = resolve_targets(model, config)
+        self._targets: list[Target] = targets
         self._num_layers = layout.num_layers
         self._family = layout.family
         self._orig_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -188,22 +109,42 @@ class SelectiveFFNModel(nn.Module):
         self._stash: dict[str, torch.Tensor] | None = None
         on_meta = any(t.param.device.type == "meta" for t in targets)
         mode = None if on_meta else reference
-        self._reference = _Reference({t.name: t.param for t in targets}, mode) if mode else None
+        self._reference = Reference({t.name: t.param for t in targets}, mode) if mode else None
         self._base_dtypes = {t.name: t.param.dtype for t in targets}
         self._set_trainable(trainable)
+        self._register_load_state_dict_pre_hook(_rename_legacy_keys)
 
     # -- attribute delegation ------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_model":
+            if name == "model":
                 raise
-            return getattr(self.base_model, name)
+            return getattr(self.model, name)
 
     def get_base_model(self) -> nn.Module:
-        """The wrapped transformers model (weights shared, not copied)."""
-        return self.base_model
+        """The wrapped transformers model (weights shared, not copied), as in PEFT.
+
+        Example:
+            >>> slam.get_base_model() is slam.model   # doctest: +SKIP
+            True
+        """
+        return self.model
+
+    @property
+    def base_model(self) -> nn.Module:
+        """Deprecated: the wrapped model is :attr:`model` (or :meth:`get_base_model`).
+
+        In PEFT ``PeftModel.base_model`` is the tuner and in transformers
+        ``model.base_model`` is the trunk without the head; the name misled.
+        """
+        warnings.warn(
+            "SelectiveFFNModel.base_model is deprecated; use SelectiveFFNModel.model or get_base_model()",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.model
 
     def forward(
         self,
@@ -213,17 +154,17 @@ class SelectiveFFNModel(nn.Module):
         **kwargs: Any,
     ) -> Any:
         """Same as the base model's forward (named arguments keep HF Trainer's column filtering working)."""
-        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.generate(*args, **kwargs)
+        return self.model.generate(*args, **kwargs)
 
     # -- trainability ----------------------------------------------------------------------
     def _set_trainable(self, trainable: bool) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        for p in self.base_model.parameters():
+        for p in self.model.parameters():
             p.requires_grad_(False)
         if not trainable:
             return
@@ -243,7 +184,7 @@ class SelectiveFFNModel(nn.Module):
     def _refresh_parameters(self) -> None:
         """Re-resolve the targeted parameters by name after a wrapper replaced them (FSDP2's
         ``fully_shard`` swaps in ``DTensor`` parameters), and re-apply trainability and hooks."""
-        params = dict(self.base_model.named_parameters())
+        params = dict(self.model.named_parameters())
         for t in self._targets:
             t.param = params[t.name]
         self._set_trainable(any(p.requires_grad for p in params.values()))
@@ -263,8 +204,8 @@ class SelectiveFFNModel(nn.Module):
         """``(trainable, total)`` parameter counts (masked rows of a fused matrix do not count)."""
         partial = {id(t.param): t for t in self._targets if t.frozen_rows is not None}
         trainable = total = 0
-        for p in self.base_model.parameters():
-            n = _numel(p)
+        for p in self.model.parameters():
+            n = parameter_numel(p)
             total += n
             if p.requires_grad:
                 trainable += partial[id(p)].trainable_numel if id(p) in partial else n
@@ -283,7 +224,7 @@ class SelectiveFFNModel(nn.Module):
         Frozen embeddings produce outputs without ``requires_grad``; the input hook
         keeps gradients flowing to the trainable layers under reentrant checkpointing.
         """
-        base = self.base_model
+        base = self.model
         if hasattr(base, "activation_checkpointing_enable"):
             base.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
         else:
@@ -360,21 +301,20 @@ class SelectiveFFNModel(nn.Module):
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        for n, p in self.base_model.named_parameters():
+        for n, p in self.model.named_parameters():
             p.requires_grad_(self._orig_requires_grad.get(n, p.requires_grad))
         if self._reference is not None:
             self._reference.close()
             self._reference = None
-        base = self.base_model
-        return base
+        return self.model
 
     # -- saving ----------------------------------------------------------------------------
-    def _trained_tensor(self, target: _Target, state_dict: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+    def _trained_tensor(self, target: Target, state_dict: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
         if not self._merged:
             assert self._stash is not None
             return self._stash[target.name]
         if state_dict is not None:
-            for key in (target.name, f"base_model.{target.name}"):
+            for key in (target.name, f"model.{target.name}"):
                 if key in state_dict:
                     return state_dict[key]
             for key, value in state_dict.items():  # other wrappers add their own prefixes
@@ -423,7 +363,7 @@ class SelectiveFFNModel(nn.Module):
             fingerprint[t.name] = fingerprint_tensor(base)
         if ref is None:
             return
-        cfg = getattr(self.base_model, "config", None)
+        cfg = getattr(self.model, "config", None)
         base_info = {
             "name_or_path": self.adapter_config.base_model_name_or_path,
             "model_type": getattr(cfg, "model_type", None),
