@@ -112,6 +112,15 @@ def test_out_overlapping_the_base_is_refused(world, out):
     assert snapshot(world) == before
 
 
+def test_the_cli_words_the_same_refusal_with_its_flags(world, capsys):
+    before = snapshot(world)
+    code = main(["merge", "--base", str(world / "base"), "--adapter", str(world / "adapter"),
+                 "--out", str(world / "base" / "merged")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--out " in err and "outside --base " in err and "base_dir" not in err
+    assert snapshot(world) == before
+
+
 def _merged_up_proj(out):
     index = json.loads((out / INDEX).read_text())
     name = "model.layers.1.mlp.up_proj.weight"

@@ -56,7 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with quiet_libraries(quiet=not args.verbose):
             return int(args.func(args) or 0)
     except LayerSelectError as exc:
-        print(f"layerselect {args.command}: error: {exc}", file=sys.stderr)
+        from .commands._common import flag_wording
+
+        print(f"layerselect {args.command}: error: {flag_wording(str(exc))}", file=sys.stderr)
         return 2
     except OSError as exc:
         # Disk full, permissions, a path that vanished: the environment or the input, not a bug.

@@ -30,3 +30,30 @@ def parse_langs(value: str | None) -> list[str] | None:
     if not value:
         return None
     return [x.strip() for x in value.split(",") if x.strip()]
+
+
+# Library errors name Python parameters (``overwrite=True``); on the command line the
+# same advice must name the flags. Longer phrases first, so they win over their parts.
+_FLAG_WORDING: tuple[tuple[str, str], ...] = (
+    ("overwrite=True", "--overwrite"),
+    ("pass task= and langs=", "pass --task and --langs"),
+    ("pass task=", "pass --task"),
+    ("backend='transformers'", "--backend transformers"),
+    ("to langs", "to --langs"),
+    ("from langs", "from --langs"),
+    ("out_dir ", "--out "),
+    ("base_dir ", "--base "),
+)
+
+
+def flag_wording(message: str) -> str:
+    """``message`` with the library's parameter names replaced by this CLI's flags.
+
+    Example:
+        >>> flag_wording("choose an empty folder, or pass overwrite=True")
+        'choose an empty folder, or pass --overwrite'
+    """
+    for python_words, flag_words in _FLAG_WORDING:
+        message = message.replace(python_words, flag_words)
+    return message
+

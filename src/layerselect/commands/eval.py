@@ -12,15 +12,13 @@ Example::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidInputError, LayerSelectError
+from ..errors import InvalidInputError
 from ..texts import PAPER_LANGS
 from ._common import add_model_args, load_model_from_args, parse_langs
 
@@ -101,35 +99,11 @@ def _apply_adapter(model: Any, adapter: str) -> Any:
 
 
 #: The library's errors name Python parameters; on the command line they are these flags.
-_FLAG_WORDING = (
-    ("overwrite=True", "--overwrite"),
-    ("pass task= and langs=", "pass --task and --langs"),
-    ("pass task=", "pass --task"),
-    ("backend='transformers'", "--backend transformers"),
-    ("to langs", "to --langs"),
-    ("from langs", "from --langs"),
-)
-
-
-@contextlib.contextmanager
-def _flag_wording() -> Iterator[None]:
-    """Re-word a library error in terms of this command's flags (same error, same class)."""
-    try:
-        yield
-    except LayerSelectError as exc:
-        message = str(exc)
-        for python_words, flag_words in _FLAG_WORDING:
-            message = message.replace(python_words, flag_words)
-        exc.args = (message,)
-        raise
-
-
 def run(args: argparse.Namespace) -> int:
-    with _flag_wording():
-        langs = parse_langs(args.langs)
-        if args.metric == "nll":
-            return run_gap(args, langs)
-        return run_accuracy(args, langs)
+    langs = parse_langs(args.langs)
+    if args.metric == "nll":
+        return run_gap(args, langs)
+    return run_accuracy(args, langs)
 
 
 def run_accuracy(args: argparse.Namespace, langs: list[str] | None) -> int:
