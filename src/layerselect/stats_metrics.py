@@ -2,7 +2,9 @@
 
 Activation probability, activation ratio (paper eq. 4), MSD (eq. 5-6), overlap
 with a reference language, and the per-layer summary table. Every function
-takes the statistics and computes on demand; nothing here is stored.
+takes the statistics and computes on demand; nothing here is stored. A metric
+built on another calls it through the statistics' method, so a subclass that
+overrides one (the bootstrap's resampled statistics) changes every metric above it.
 
 Example:
     >>> from layerselect.stats_metrics import activation_ratio, msd, overlap
@@ -60,7 +62,7 @@ def activation_ratio(
         if variant != "mean":
             raise InvalidInputError("sample_weights only apply to the 'mean' activation ratio")
         return _ratio_from_samples(stats, sample_weights)
-    p = activation_probability(stats)
+    p = stats.activation_probability()
     if variant == "mean":
         return p.mean(dim=1)
     return (p > tau).double().mean(dim=1)
@@ -85,7 +87,7 @@ def msd(
     sample_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean squared deviation of the activation ratio across groups, ``MSD[l]`` (eq. 5-6)."""
-    r = activation_ratio(stats, variant, tau, sample_weights)
+    r = stats.activation_ratio(variant, tau, sample_weights)
     return ((r - r.mean(dim=1, keepdim=True)) ** 2).mean(dim=1)
 
 
@@ -96,7 +98,7 @@ def overlap(stats: ActivationStats, reference: str = "en", tau: float = 0.5, met
     ref = stats.group_index(reference)
     if len(stats.groups) < 2:
         raise InvalidInputError("overlap needs at least two groups (a reference and another)")
-    p = activation_probability(stats)
+    p = stats.activation_probability()
     if method == "pearson":
         c = p - p.mean(dim=1, keepdim=True)
         num = (c * c[:, :, ref : ref + 1]).sum(dim=1)
@@ -116,11 +118,11 @@ def overlap(stats: ActivationStats, reference: str = "en", tau: float = 0.5, met
 
 def layer_table(stats: ActivationStats, reference: str | None = "en", tau: float = 0.5) -> list[dict[str, float]]:
     """One row per layer: R mean/min/max over groups, overlap average (if the reference exists), MSD."""
-    r = activation_ratio(stats)
-    spread = msd(stats)
+    r = stats.activation_ratio()
+    spread = stats.msd()
     avg = None
     if reference is not None and reference in stats.groups and len(stats.groups) > 1:
-        avg = overlap(stats, reference, tau).average
+        avg = stats.overlap(reference, tau).average
     rows = []
     for i, layer in enumerate(stats.layers):
         row = {
