@@ -64,7 +64,7 @@ def fail_at(step: int) -> Iterator[list[str]]:
     wrap(_io, "_exchange")
     wrap(_io, "atomic_write_text")
     wrap(st, "save_file")
-    from layerselect import stats
+    from layerselect import stats_format as stats
     from layerselect.selective_ffn import writing as adapter_writing
 
     for module in (stats, adapter_writing):

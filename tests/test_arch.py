@@ -34,9 +34,27 @@ def test_fused_family_names_the_fused_matrix_once():
     assert layout.parameter_names(0, ["gate", "up"]) == ["model.layers.0.mlp.gate_up_proj.weight"]
 
 
-def test_every_required_family_has_an_entry():
-    for family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text"):
-        assert family in ADAPTER_TABLE
+def _tiny_gemma3_multimodal():
+    """Gemma-3 as transformers builds it from a ``gemma3`` config: text decoder inside an image-text model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tiny import tiny_config
+
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=28, patch_size=14)
+    config = AutoConfig.for_model("gemma3", text_config=tiny_config("gemma3_text").to_dict(),
+                                  vision_config=vision, mm_tokens_per_image=4)
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text"])
+def test_every_required_family_is_known_not_inferred(family):
+    # A family missing from the table (or whose entry names the wrong modules) is only inferred.
+    model = _tiny_gemma3_multimodal() if family == "gemma3" else tiny_model(family)
+    layout = get_layout(model)
+    assert layout.family == family
+    assert layout.spec is ADAPTER_TABLE[family]
+    assert (layout.num_layers, layout.intermediate_size) == (4, 48)
 
 
 def test_unknown_family_with_usual_names_is_inferred():

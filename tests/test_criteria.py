@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -194,6 +195,85 @@ def test_baselines_on_hand_stats():
     assert select(stats, "topk", k=1, score="msd", max_layer=2).layers == [0]
 
 
+
+# ---------------------------------------------------------------------------------------------
+# LAPE by hand. 2 languages (en, de), 2 layers x 4 neurons, 10 tokens each: p = count / 10.
+# top_rate .25 -> round(8 * .25) = 2 specific neurons; filter_rate .5 -> prob_cut = the 8th
+# smallest of the 16 probabilities. Entropy of q = p / sum_g p: H(a, b) = -(a ln a + b ln b).
+#
+# layer 0: n0 (.8, 0) H 0 | n1 (.4, .4) H ln 2 | n2 (.1, .1) H ln 2 | n3 (.6, .1) H(6/7, 1/7) = .4101
+# layer 1: n0 (.5, .5) H ln 2 | n1 (.9, .3) H(.75, .25) = .5623 | n2 (.1, 0) H 0 | n3 (.2, .7) H(2/9, 7/9) = .5297
+# sorted p: 0 0 .1 .1 .1 .1 .2 [.3] .4 ... -> prob_cut .3; eligible = some p > .3: all but n2 of each layer.
+# Lowest entropies among the eligible: L0n0 (0), L0n3 (.4101) -> density [2/4, 0], mean .25 -> [0].
+# (Without the filter, L1n2's H = 0 would be the second: density [.25, .25], a tie.)
+# Fallback case: L0n3 = (.6, .2), H(.75, .25) = .5623; prob_cut is still .3, the two lowest are now
+# L0n0 and L1n3 (.5297) -> density [.25, .25]: none above the mean -> the densest, lowest layer, [0].
+# ---------------------------------------------------------------------------------------------
+def _lape_stats(l0n3):
+    en_de = [[[8, 0], [4, 4], [1, 1], l0n3], [[5, 5], [9, 3], [1, 0], [2, 7]]]
+    return hand_stats(en_de, [10, 10], [EN, DE])
+
+
+def _entropy(*q):
+    return -sum(x * math.log(x) for x in q)
+
+
+def test_lape_hand_derived_main_case():
+    sel = select(_lape_stats([6, 1]), "lape", top_rate=0.25, filter_rate=0.5)
+    assert sel.details["prob_cut"] == pytest.approx(0.3)
+    assert sel.details["n_specific"] == 2
+    assert sel.details["entropy_cut"] == pytest.approx(_entropy(6 / 7, 1 / 7))
+    assert sel.scores == pytest.approx({0: 0.5, 1: 0.0})
+    assert sel.threshold == pytest.approx(0.25)
+    assert sel.layers == [0] and sel.details["fallback"] is False
+    top1 = select(_lape_stats([6, 1]), "lape", top_rate=0.25, filter_rate=0.5, k=1)
+    assert top1.layers == [0] and top1.threshold == pytest.approx(0.5)
+
+
+def test_lape_hand_derived_tie_falls_back_to_the_lowest_densest_layer():
+    sel = select(_lape_stats([6, 2]), "lape", top_rate=0.25, filter_rate=0.5)
+    assert sel.details["prob_cut"] == pytest.approx(0.3)
+    assert sel.details["entropy_cut"] == pytest.approx(_entropy(2 / 9, 7 / 9))
+    assert sel.scores == pytest.approx({0: 0.25, 1: 0.25})
+    assert sel.layers == [0] and sel.details["fallback"] is True
+    assert "falling back" in sel.reason
+
+
+# ---------------------------------------------------------------------------------------------
+# SNR by hand. Every FFN matrix of layer l (gate, up [48 x 32], down [32 x 48]) is "diagonal" with
+# singular values 1, 2, ..., 31 and top_l, so beta = 32 / 48. torch.quantile (linear) of the 32
+# sorted values: q75 at 23.25 -> 24.25, q25 at 7.75 -> 8.75; sigma = 15.5 / 1.349;
+# edge = sigma (1 + sqrt(2/3)) = 20.87: signal = 21 + ... + 31 + top = 286 + top, noise = 1 + ... + 20 = 210.
+# SNR = (signal / noise) / s_max = (286 + top) / 210 / top. tops [100, 50, 200, 40] ->
+# [.018381, .032, .011571, .038810]; default k = round(.25 * 4) = 1 -> [3]; k = 2 -> [1, 3], threshold .032.
+# ---------------------------------------------------------------------------------------------
+TOPS = [100.0, 50.0, 200.0, 40.0]
+
+
+def _snr_model():
+    model = tiny_model("llama")  # 4 layers, hidden 32, intermediate 48
+    with torch.no_grad():
+        for layer, top in zip(model.model.layers, TOPS):
+            values = torch.tensor([*range(1, 32), top], dtype=torch.float64)
+            for w in (layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight, layer.mlp.down_proj.weight):
+                w.zero_()
+                w[range(32), range(32)] = values
+    return model
+
+
+def test_snr_hand_derived():
+    expected = {i: (286 + top) / 210 / top for i, top in enumerate(TOPS)}
+    assert expected[0] == pytest.approx(0.018381, abs=1e-6)
+    sigma = 15.5 / 1.349
+    assert 20 < sigma * (1 + math.sqrt(2 / 3)) < 21  # the edge falls between 20 and 21, as assumed
+    sel = select(model=_snr_model(), criterion="snr")
+    assert sel.scores == pytest.approx(expected, rel=1e-6)
+    assert sel.layers == [3] and sel.threshold == pytest.approx(expected[3], rel=1e-6)
+    two = select(model=_snr_model(), criterion="snr", k=2)
+    assert two.layers == [1, 3] and two.threshold == pytest.approx(0.032, rel=1e-6)
+    only_down = select(model=_snr_model(), criterion="snr", matrices=["down"], max_layer=2)
+    assert only_down.layers == [1] and only_down.scores == pytest.approx(expected, rel=1e-6)
+
 def test_register_criterion_decorator_and_call():
     @register_criterion
     def _lowest_two(stats):
@@ -279,7 +359,15 @@ def test_stability_reproducible_and_hand_stats_are_stable():
     # Every question has the same fractions, so every resample gives the same selection.
     assert st1.frequency == {0: 1.0, 1: 0.0, 2: 1.0, 3: 0.0, 4: 0.0}
     assert st1.selections == [([0, 2], 30)]
-    assert "layer" in st1.format_table() and json.dumps(st1.to_dict())
+    as_json = json.loads(json.dumps(st1.to_dict()))
+    assert as_json["frequency"] == {"0": 1.0, "1": 0.0, "2": 1.0, "3": 0.0, "4": 0.0}
+    assert as_json["selections"] == [{"layers": [0, 2], "count": 30}]
+    assert as_json["score_mean"]["0"] == pytest.approx(0.96 / 9) and as_json["score_high"]["2"] == pytest.approx(0.56 / 9)
+    assert as_json["threshold_low"] == pytest.approx(1.6 / 27) == as_json["threshold_high"]
+    table = st1.format_table().splitlines()
+    assert table[2].split() == ["0", "yes", "1.000", "1.0667e-01", "[1.0667e-01,", "1.0667e-01]"]
+    assert table[3].split()[:2] == ["1", "0.000"]  # layer 1: not selected, never chosen
+    assert table[-1] == "most common selections: [0, 2] x30"
 
 
 def test_stability_of_loaded_selection_needs_stats(tmp_path):
@@ -332,7 +420,11 @@ def test_lape_finds_one_percent_of_neurons(tiny):
     n = sel.details["n_specific"]
     assert n == round(0.01 * total)
     assert sum(sel.scores.values()) * stats.num_neurons == pytest.approx(n)
-    assert sel.layers == [layer for layer, v in sel.scores.items() if v > sel.threshold] or sel.details["fallback"]
+    # An independent count: the threshold is the mean share, and the layers above it are selected.
+    assert sel.threshold == pytest.approx(sum(sel.scores.values()) / len(sel.scores))
+    above = [layer for layer, v in sel.scores.items() if v > sel.threshold]
+    assert above, "this collection has layers above the mean share; the fallback is tested by hand above"
+    assert sel.layers == above and sel.details["fallback"] is False
 
 
 def test_resample_stats_equals_collecting_the_resampled_texts(tiny):

@@ -3,86 +3,111 @@
 Find the lower layers whose FFN neurons fire most differently across
 languages, then fine-tune only those FFN matrices on X->English translation.
 
+The top level holds one name or a few per pipeline stage (stats -> selection ->
+selective FFN -> training -> eval); everything else lives in its submodule
+(e.g. :class:`layerselect.stats.Overlap`, :func:`layerselect.selection.list_criteria`,
+:class:`layerselect.errors.NumericalError`).
+
 Example:
-    >>> from layerselect import ActivationStats
+    >>> from layerselect import ActivationStats, select
     >>> stats = ActivationStats.collect(model, tokenizer, {"en": [...], "de": [...]})  # doctest: +SKIP
     >>> print(stats.format_table())                                                    # doctest: +SKIP
+    >>> select(stats).layers                                                           # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import importlib as _importlib
+import warnings as _warnings
+from typing import Any as _Any
+
 __version__ = "0.1.0"
 
-from .errors import (
-    BaseModelMismatchError,
-    FormatError,
-    IncompatibleStatsError,
-    InvalidInputError,
-    LayerSelectError,
-    NumericalError,
-    UnsupportedArchitectureError,
-)
-from .eval import evaluate
-from .selection import (
-    Selection,
-    Stability,
-    get_criterion,
-    layer_scores,
-    list_criteria,
-    register_criterion,
-    select,
-    stability,
-)
-from .selective_ffn import (
-    SelectiveFFNConfig,
-    SelectiveFFNModel,
-    get_slam_model,
-    load_deltas,
-    merge_checkpoint,
-)
-from .stats import ActivationStats, Overlap
+# The imports follow the pipeline, not the alphabet.
+# isort: off
 
-# Training pulls in transformers' Trainer (slow to import): load it on first use.
+# Errors: every error the library raises derives from LayerSelectError.
+from .errors import FormatError, InvalidInputError, LayerSelectError
+
+# 1. Stats: per-language firing counts of the FFN neurons.
+from .stats import ActivationStats
+
+# 2. Selection: which layers to train, and how stable that choice is.
+from .selection import Selection, register_criterion, select, stability
+
+# 3. Selective FFN: the model that trains only the selected FFN matrices, and merging its deltas.
+from .selective_ffn import SelectiveFFNConfig, SelectiveFFNModel, get_slam_model, merge_checkpoint
+
+# 4. Training: fine-tune the selected matrices on X->English translation pairs. Loaded on
+# first use by __getattr__ below (it pulls in transformers' Trainer, slow to import).
 _LAZY = {
     "train_slam": "layerselect.train",
-    "TranslationExample": "layerselect.data",
     "load_translation_data": "layerselect.data",
 }
 
+# 5. Eval: generate answers on reasoning benchmarks and score them per language.
+from .eval import evaluate  # noqa: E402
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+# isort: on
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'layerselect' has no attribute {name!r}")
+# Names that used to be at the top level: still resolved (with a DeprecationWarning) so old
+# code keeps running, but no longer part of the public surface; import them from their module.
+_MOVED = {
+    "Overlap": "layerselect.stats",
+    "Stability": "layerselect.selection",
+    "get_criterion": "layerselect.selection",
+    "list_criteria": "layerselect.selection",
+    "layer_scores": "layerselect.selection",
+    "load_deltas": "layerselect.selective_ffn",
+    "TranslationExample": "layerselect.data",
+    "UnsupportedArchitectureError": "layerselect.errors",
+    "IncompatibleStatsError": "layerselect.errors",
+    "BaseModelMismatchError": "layerselect.errors",
+    "NumericalError": "layerselect.errors",
+}
 
 __all__ = [
     "__version__",
+    # stats
     "ActivationStats",
-    "Overlap",
+    # selection
     "select",
     "Selection",
-    "Stability",
     "stability",
     "register_criterion",
-    "get_criterion",
-    "list_criteria",
-    "layer_scores",
+    # selective FFN
     "SelectiveFFNConfig",
     "SelectiveFFNModel",
     "get_slam_model",
-    "load_deltas",
     "merge_checkpoint",
+    # training
     "train_slam",
-    "TranslationExample",
     "load_translation_data",
+    # eval
     "evaluate",
+    # errors
     "LayerSelectError",
-    "UnsupportedArchitectureError",
     "InvalidInputError",
-    "IncompatibleStatsError",
     "FormatError",
-    "BaseModelMismatchError",
-    "NumericalError",
 ]
+
+
+def __getattr__(name: str) -> _Any:
+    if name in _LAZY:
+        value = getattr(_importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    if name in _MOVED:
+        _warnings.warn(
+            f"layerselect.{name} moved: import it from {_MOVED[name]} "
+            f"(from {_MOVED[name]} import {name})",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(_importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module 'layerselect' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The public names, loaded or not (``dir()`` would otherwise miss the lazy ones)."""
+    return sorted(set(globals()) | set(__all__))

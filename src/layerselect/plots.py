@@ -302,7 +302,8 @@ def plot_representations(
         >>> fig = plot_representations(base, tok, texts, [0, 9], trained=slam,
         ...                            path="figs/representations.png")   # doctest: +SKIP
     """
-    import numpy as np
+    import numpy as np  # comes with matplotlib: this function needs the plots extra anyway
+    import torch
 
     from .representations import last_token_states, project_2d
 
@@ -316,8 +317,8 @@ def plot_representations(
     fig.clear()
     axes = fig.subplots(len(layers), len(models), squeeze=False)
     for r, layer in enumerate(layers):
-        joint = np.concatenate([st[0][layer] for st in states])
-        xy = project_2d(joint, method=method, seed=seed)
+        joint = torch.cat([st[0][layer] for st in states])
+        xy = project_2d(joint, method=method, seed=seed).numpy()
         n = len(row_langs)
         for c in range(len(models)):
             ax = axes[r][c]

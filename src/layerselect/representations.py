@@ -5,8 +5,8 @@
   chosen decoder layers (layer ``l`` = the output of decoder layer ``l``,
   ``hidden_states[l + 1]`` in transformers; for the last layer that entry has
   the model's final norm applied);
-- :func:`project_2d`: PCA (default, numpy, deterministic signs) or t-SNE (needs
-  scikit-learn, an optional extra);
+- :func:`project_2d`: PCA (default, torch SVD in float64, deterministic signs) or
+  t-SNE (needs scikit-learn, an optional extra);
 - :func:`~layerselect.plots.plot_representations` draws base vs trained side by side.
 
 Example:
@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from .errors import InvalidInputError
@@ -41,10 +40,10 @@ def last_token_states(
     layers: Sequence[int],
     *,
     batch_size: int = 8,
-) -> tuple[dict[int, np.ndarray], list[str]]:
+) -> tuple[dict[int, torch.Tensor], list[str]]:
     """Hidden state of each text's last real token after each of ``layers``.
 
-    Returns ``({layer: float64 array [n_texts, hidden]}, langs)`` with the rows
+    Returns ``({layer: float64 CPU tensor [n_texts, hidden]}, langs)`` with the rows
     in the order of ``texts`` (language by language) and ``langs[i]`` the
     language of row ``i``. Batching does not change the values beyond rounding
     (right padding, so real tokens never attend to pads).
@@ -52,7 +51,7 @@ def last_token_states(
     Example:
         >>> states, langs = last_token_states(model, tok, {"en": ["Hi."]}, [0])   # doctest: +SKIP
         >>> states[0].shape, langs                                                # doctest: +SKIP
-        ((1, 640), ['en'])
+        (torch.Size([1, 640]), ['en'])
     """
     from .arch import get_layout, unwrap_model
 
@@ -67,7 +66,7 @@ def last_token_states(
         raise InvalidInputError("no texts to encode")
     device = next(base.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    rows: dict[int, list[np.ndarray]] = {layer: [None] * len(flat) for layer in layers}  # type: ignore[list-item]
+    rows: dict[int, list[torch.Tensor]] = {layer: [None] * len(flat) for layer in layers}  # type: ignore[list-item]
     was_training = base.training
     base.eval()
     try:
@@ -84,36 +83,34 @@ def last_token_states(
             for layer in layers:
                 h = hs[layer + 1][torch.arange(len(enc)), last.to(hs[0].device)]
                 for r in range(len(enc)):
-                    rows[layer][s + r] = h[r].double().cpu().numpy()
+                    rows[layer][s + r] = h[r].double().cpu()
     finally:
         if was_training:
             base.train()
-    out = {layer: np.stack(rows[layer]) for layer in layers}
+    out = {layer: torch.stack(rows[layer]) for layer in layers}
     return out, [lang for lang, _ in flat]
 
 
-def project_2d(x: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
+def project_2d(x: Any, method: str = "pca", seed: int = 0) -> Any:
     """Project rows of ``x`` to 2-D: PCA (centred SVD, each axis signed so its largest loading is positive) or t-SNE.
 
+    ``x`` is a tensor or anything ``torch.as_tensor`` takes; the result is a float64
+    ``[n, 2]`` tensor, or a numpy array when ``x`` was one (numpy in, numpy out).
+
     Example:
-        >>> import numpy as np
-        >>> xy = project_2d(np.array([[0., 0, 0], [2, 0, 0], [0, 1, 0], [2, 1, 0]]))
-        >>> np.round(np.abs(xy), 6).tolist()
+        >>> import torch
+        >>> xy = project_2d(torch.tensor([[0., 0, 0], [2, 0, 0], [0, 1, 0], [2, 1, 0]]))
+        >>> xy.abs().tolist()
         [[1.0, 0.5], [1.0, 0.5], [1.0, 0.5], [1.0, 0.5]]
     """
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2 or x.shape[0] < 3:
-        raise InvalidInputError(f"need at least 3 points to project, got an array of shape {x.shape}")
+    as_numpy = type(x).__module__ == "numpy"  # give numpy callers numpy back, without importing it
+    t = torch.as_tensor(x, dtype=torch.float64)
+    if t.dim() != 2 or t.shape[0] < 3:
+        shape = tuple(t.shape)
+        raise InvalidInputError(f"need at least 3 points to project, got an array of shape {shape}")
     if method == "pca":
-        centred = x - x.mean(axis=0)
-        _, _, vt = np.linalg.svd(centred, full_matrices=False)
-        comps = vt[:2]
-        signs = np.sign(comps[np.arange(comps.shape[0]), np.abs(comps).argmax(axis=1)])
-        comps = comps * signs[:, None]
-        xy = centred @ comps.T
-        if xy.shape[1] < 2:
-            xy = np.pad(xy, ((0, 0), (0, 2 - xy.shape[1])))
-        return xy
+        xy = _pca_2d(t)
+        return xy.numpy() if as_numpy else xy
     if method == "tsne":
         try:
             from sklearn.manifold import TSNE
@@ -121,6 +118,17 @@ def project_2d(x: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
             raise InvalidInputError(
                 "method='tsne' needs scikit-learn (pip install 'layerselect[tsne]'); use method='pca'"
             ) from exc
-        perplexity = float(min(30.0, max(2.0, (x.shape[0] - 1) / 3)))
-        return TSNE(n_components=2, perplexity=perplexity, random_state=seed, init="pca").fit_transform(x)
+        perplexity = float(min(30.0, max(2.0, (t.shape[0] - 1) / 3)))
+        xy = TSNE(n_components=2, perplexity=perplexity, random_state=seed, init="pca").fit_transform(t.numpy())
+        return xy if as_numpy else torch.as_tensor(xy, dtype=torch.float64)
     raise InvalidInputError(f"unknown projection method {method!r}; use one of {list(METHODS)}")
+
+
+def _pca_2d(x: torch.Tensor) -> torch.Tensor:
+    """The first two principal coordinates of the rows of ``x`` (zeros for a missing second axis)."""
+    centred = x - x.mean(dim=0)
+    _, _, vt = torch.linalg.svd(centred, full_matrices=False)
+    comps = vt[:2]
+    signs = torch.sign(comps[torch.arange(comps.shape[0]), comps.abs().argmax(dim=1)])
+    xy = centred @ (comps * signs[:, None]).T
+    return torch.nn.functional.pad(xy, (0, 2 - xy.shape[1]))

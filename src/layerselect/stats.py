@@ -13,7 +13,8 @@ streaming pass (see :mod:`layerselect.collect`):
 - optionally ``sample_counts[s, l, n]`` (per-sample per-neuron counts; large).
 
 Everything else (activation probability, activation ratio, overlap, MSD) is
-derived on demand in float64 and never stored.
+derived on demand in float64 and never stored (:mod:`layerselect.stats_metrics`);
+the file format and the checks every value passes are in :mod:`layerselect.stats_format`.
 
 Example:
     >>> from layerselect import ActivationStats
@@ -26,48 +27,30 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from ._io import atomic_directory, check_format_version, read_json, write_json
+from . import stats_metrics as metrics
 from .errors import FormatError, IncompatibleStatsError, InvalidInputError
+from .stats_format import (
+    DEFINITIONS_VERSION,
+    META_FILE,
+    STATS_FORMAT_VERSION,
+    TENSOR_FILE,
+    check_invariants,
+    read_stats,
+    write_stats,
+)
+from .stats_metrics import OVERLAP_METHODS, Overlap
 
 __all__ = ["ActivationStats", "Overlap", "STATS_FORMAT_VERSION", "DEFINITIONS_VERSION"]
-
-#: Version of the on-disk layout (``stats.json`` + ``stats.safetensors``).
-STATS_FORMAT_VERSION = 2
-#: Version of the *definitions* (what "fired" and "token" mean); bump if they change.
-DEFINITIONS_VERSION = 1
-
-TENSOR_FILE = "stats.safetensors"
-META_FILE = "stats.json"
-
-OVERLAP_METHODS = ("ratio", "jaccard", "pearson")
-
-
-class Overlap(NamedTuple):
-    """Overlap with the reference language: ``per_group[l, g]`` and ``average[l]``.
-
-    ``average`` is the mean over the non-reference groups (the paper's AVG).
-    """
-
-    per_group: torch.Tensor
-    average: torch.Tensor
-
-
-def _library_version() -> str:
-    from . import __version__
-
-    return __version__
+# Their home is stats_format / stats_metrics; importing them from here keeps working.
+_OLD_IMPORT_PATHS = (META_FILE, TENSOR_FILE, OVERLAP_METHODS)
 
 
 @dataclass
@@ -88,7 +71,7 @@ class ActivationStats:
     def __post_init__(self) -> None:
         self.groups = list(self.groups)
         self.layers = [int(x) for x in self.layers]
-        _check_invariants(self)
+        check_invariants(self)
 
     # ------------------------------------------------------------------ collect
     @classmethod
@@ -105,6 +88,8 @@ class ActivationStats:
         (``batch_size``, ``layers``, ``max_length``, ``padding_side``,
         ``per_sample_counts``, ``progress``).
         """
+        # collect produces ActivationStats, so it imports this module; importing it here, on
+        # use, keeps the dependency one-way (collect -> stats) while this method stays the API.
         from .collect import collect_stats
 
         return collect_stats(model, tokenizer, texts, **kwargs)
@@ -135,12 +120,10 @@ class ActivationStats:
             ) from None
 
     # ------------------------------------------------------------------ derived metrics
+    # The computations live in stats_metrics; these methods are the documented API.
     def activation_probability(self) -> torch.Tensor:
         """``p[l, n, g] = counts / tokens`` in float64."""
-        if (self.tokens == 0).any():
-            empty = [g for g, t in zip(self.groups, self.tokens.tolist()) if t == 0]
-            raise InvalidInputError(f"groups {empty} have no tokens; collect data for them first")
-        return self.counts.double() / self.tokens.double()
+        return metrics.activation_probability(self)
 
     def activation_ratio(
         self, variant: str = "mean", tau: float = 0.5, sample_weights: torch.Tensor | None = None
@@ -155,31 +138,11 @@ class ActivationStats:
         variant from the per-sample fractions instead of the counts; with all-ones
         weights it equals the count-based value up to float rounding.
         """
-        variant, tau = _parse_variant(variant, tau)
-        if sample_weights is not None:
-            if variant != "mean":
-                raise InvalidInputError("sample_weights only apply to the 'mean' activation ratio")
-            return self._ratio_from_samples(sample_weights)
-        p = self.activation_probability()
-        if variant == "mean":
-            return p.mean(dim=1)
-        return (p > tau).double().mean(dim=1)
-
-    def _ratio_from_samples(self, weights: torch.Tensor) -> torch.Tensor:
-        weights = torch.as_tensor(weights, dtype=torch.float64)
-        if weights.shape != (self.num_samples,):
-            raise InvalidInputError(f"sample_weights must have shape ({self.num_samples},)")
-        w = weights * self.sample_tokens.double()  # token-weighted: R averages over tokens
-        g = self.sample_group.long()
-        num = torch.zeros(len(self.groups), self.num_layers, dtype=torch.float64)
-        num.index_add_(0, g, w[:, None] * self.sample_fraction.double())
-        den = torch.zeros(len(self.groups), dtype=torch.float64).index_add_(0, g, w)
-        return (num / den[:, None]).T
+        return metrics.activation_ratio(self, variant, tau, sample_weights)
 
     def msd(self, variant: str = "mean", tau: float = 0.5, sample_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Mean squared deviation of the activation ratio across groups, ``MSD[l]`` (eq. 5-6)."""
-        r = self.activation_ratio(variant, tau, sample_weights)
-        return ((r - r.mean(dim=1, keepdim=True)) ** 2).mean(dim=1)
+        return metrics.msd(self, variant, tau, sample_weights)
 
     def overlap(self, reference: str = "en", tau: float = 0.5, method: str = "ratio") -> Overlap:
         """Overlap of each group's active neurons with the reference group's, per layer.
@@ -189,67 +152,16 @@ class ActivationStats:
         ``"pearson"`` the correlation of ``p`` across neurons (threshold-free).
         A layer where the denominator is empty gives NaN.
         """
-        if method not in OVERLAP_METHODS:
-            raise InvalidInputError(f"unknown overlap method {method!r}; use one of {OVERLAP_METHODS}")
-        ref = self.group_index(reference)
-        if len(self.groups) < 2:
-            raise InvalidInputError("overlap needs at least two groups (a reference and another)")
-        p = self.activation_probability()
-        if method == "pearson":
-            c = p - p.mean(dim=1, keepdim=True)
-            num = (c * c[:, :, ref : ref + 1]).sum(dim=1)
-            den = (c.pow(2).sum(dim=1) * c[:, :, ref].pow(2).sum(dim=1, keepdim=True)).sqrt()
-            per_group = num / den
-        else:
-            active = p > tau
-            inter = (active & active[:, :, ref : ref + 1]).sum(dim=1).double()
-            if method == "ratio":
-                den = active[:, :, ref].sum(dim=1, keepdim=True).double()
-            else:
-                den = (active | active[:, :, ref : ref + 1]).sum(dim=1).double()
-            per_group = inter / den
-        others = [i for i in range(len(self.groups)) if i != ref]
-        return Overlap(per_group, per_group[:, others].mean(dim=1))
+        return metrics.overlap(self, reference, tau, method)
 
     # ------------------------------------------------------------------ summaries
     def layer_table(self, reference: str | None = "en", tau: float = 0.5) -> list[dict[str, float]]:
         """One row per layer: R mean/min/max over groups, overlap average (if the reference exists), MSD."""
-        r = self.activation_ratio()
-        msd = self.msd()
-        avg = None
-        if reference is not None and reference in self.groups and len(self.groups) > 1:
-            avg = self.overlap(reference, tau).average
-        rows = []
-        for i, layer in enumerate(self.layers):
-            row = {
-                "layer": layer,
-                "R_mean": float(r[i].mean()),
-                "R_min": float(r[i].min()),
-                "R_max": float(r[i].max()),
-                "MSD": float(msd[i]),
-            }
-            if avg is not None:
-                row["overlap_avg"] = float(avg[i])
-            rows.append(row)
-        return rows
+        return metrics.layer_table(self, reference, tau)
 
     def format_table(self, reference: str | None = "en", tau: float = 0.5) -> str:
         """The per-layer table as aligned text (what ``layerselect analyze`` prints)."""
-        rows = self.layer_table(reference, tau)
-        has_overlap = rows and "overlap_avg" in rows[0]
-        head = f"{'layer':>5}  {'R mean':>8}  {'R min':>8}  {'R max':>8}  {'MSD':>11}"
-        if has_overlap:
-            head += f"  {'overlap(' + str(reference) + ')':>12}"
-        lines = [head, "-" * len(head)]
-        for row in rows:
-            line = (
-                f"{row['layer']:>5}  {row['R_mean']:>8.4f}  {row['R_min']:>8.4f}  "
-                f"{row['R_max']:>8.4f}  {row['MSD']:>11.4e}"
-            )
-            if has_overlap:
-                line += f"  {row['overlap_avg']:>12.4f}"
-            lines.append(line)
-        return "\n".join(lines)
+        return metrics.format_table(self, reference, tau)
 
     def __repr__(self) -> str:
         return (
@@ -370,166 +282,13 @@ class ActivationStats:
         The folder is replaced whole. A folder holding anything other than earlier
         statistics is refused unless ``overwrite=True``.
         """
-        directory = Path(directory)
-        with atomic_directory(directory, META_FILE, overwrite=overwrite, what="stats folder") as tmp:
-            save_file(self._tensors(), str(tmp / TENSOR_FILE))
-            meta = {
-                "format_version": STATS_FORMAT_VERSION,
-                "definitions_version": DEFINITIONS_VERSION,
-                "library_version": _library_version(),
-                "groups": self.groups,
-                "layers": self.layers,
-                "intermediate_size": self.num_neurons,
-                "tensor_sha256": _sha256(tmp / TENSOR_FILE),
-                "meta": self.meta,
-            }
-            meta["checksum"] = _meta_checksum(meta)
-            write_json(tmp / META_FILE, meta)
-        return directory
+        return write_stats(directory, self._tensors(), self.groups, self.layers, self.meta, overwrite=overwrite)
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> ActivationStats:
         """Read statistics written by :meth:`save`; corrupt or foreign files raise FormatError."""
-        directory = Path(directory)
-        meta_path, tensor_path = directory / META_FILE, directory / TENSOR_FILE
-        if not meta_path.is_file() or not tensor_path.is_file():
-            raise FormatError(
-                f"{directory} is not an ActivationStats directory (needs {META_FILE} and "
-                f"{TENSOR_FILE}); create one with ActivationStats.save or `layerselect analyze`"
-            )
-        meta = read_json(meta_path)
-        if not isinstance(meta, dict):
-            raise FormatError(f"{meta_path} is not a JSON object; it was not written by layerselect")
-        written_by = meta.get("library_version")
-        version = check_format_version(
-            meta.get("format_version"), STATS_FORMAT_VERSION, "stats", where=directory,
-            written_by=written_by if isinstance(written_by, str) else None,
-        )
-        recorded = meta.get("tensor_sha256")
-        if not isinstance(recorded, str):
-            raise FormatError(f"{meta_path} records no tensor_sha256 checksum; the folder was edited or is incomplete")
-        if version >= 2 and meta.get("checksum") != _meta_checksum(meta):
-            raise FormatError(
-                f"{meta_path} does not match its checksum: its metadata (groups, layers, ...) was edited "
-                "or the file is corrupt; re-run the analysis"
-            )
-        if recorded != _sha256(tensor_path):
-            raise FormatError(
-                f"{tensor_path} does not match the checksum in {META_FILE}: the file is corrupt or "
-                "was replaced; re-run the analysis"
-            )
+        fields = read_stats(directory)
         try:
-            t = load_file(str(tensor_path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise FormatError(f"{tensor_path} is not a readable safetensors file ({exc})") from None
-        groups, layers = meta.get("groups"), meta.get("layers")
-        if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
-            raise FormatError(f"{meta_path}: 'groups' must be a list of names, got {groups!r}")
-        if not isinstance(layers, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
-            raise FormatError(f"{meta_path}: 'layers' must be a list of integers, got {layers!r}")
-        if not isinstance(meta.get("meta", {}), dict):
-            raise FormatError(f"{meta_path}: 'meta' must be an object")
-        try:
-            return cls(
-                counts=t["counts"],
-                tokens=t["tokens"],
-                groups=groups,
-                layers=layers,
-                sample_fraction=t["sample_fraction"],
-                sample_tokens=t["sample_tokens"],
-                sample_group=t["sample_group"],
-                sample_index=t["sample_index"],
-                sample_counts=t.get("sample_counts"),
-                meta=meta.get("meta", {}),
-            )
-        except KeyError as exc:
-            raise FormatError(f"{directory} lacks the entry {exc}; the files are incomplete") from None
+            return cls(**fields)
         except FormatError as exc:
-            raise FormatError(f"{directory}: {exc}") from None
-
-
-def _meta_checksum(meta: Mapping[str, Any]) -> str:
-    """SHA-256 of the metadata (without its own checksum) in canonical JSON, tensor checksum included."""
-    body = {k: v for k, v in meta.items() if k != "checksum"}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-
-
-def _check_invariants(st: ActivationStats) -> None:
-    """Shapes, dtypes, unique names and count ranges; FormatError naming what is wrong."""
-    for name in ("counts", "tokens", "sample_tokens", "sample_group", "sample_index"):
-        t = getattr(st, name)
-        if not isinstance(t, torch.Tensor) or t.dtype not in _INT_DTYPES:
-            raise FormatError(f"{name} must be an integer tensor, got {getattr(t, 'dtype', type(t).__name__)}")
-    if st.counts.dim() != 3:
-        raise FormatError(f"counts must be [layers, neurons, groups], got shape {tuple(st.counts.shape)}")
-    num_layers, _, num_groups = st.counts.shape
-    if len(st.groups) != num_groups or st.tokens.shape != (num_groups,):
-        raise FormatError(
-            f"counts have {num_groups} groups, tokens {tuple(st.tokens.shape)}, "
-            f"names {len(st.groups)}: they must agree"
-        )
-    if len(set(st.groups)) != len(st.groups):
-        dup = sorted({g for g in st.groups if st.groups.count(g) > 1})
-        raise FormatError(f"group names {dup} appear more than once; each group is one language")
-    if len(st.layers) != num_layers:
-        raise FormatError(f"counts have {num_layers} layers but {len(st.layers)} layer ids")
-    if len(set(st.layers)) != len(st.layers) or any(x < 0 for x in st.layers):
-        raise FormatError(f"layer ids {st.layers} must be distinct non-negative integers")
-    s = st.sample_fraction.shape[0] if st.sample_fraction.dim() else -1
-    for name in ("sample_tokens", "sample_group", "sample_index"):
-        if getattr(st, name).shape != (s,):
-            raise FormatError(f"{name} has shape {tuple(getattr(st, name).shape)}, expected ({s},)")
-    if st.sample_fraction.shape != (s, num_layers):
-        raise FormatError(f"sample_fraction has shape {tuple(st.sample_fraction.shape)}, expected ({s}, {num_layers})")
-    if bool((st.tokens < 0).any()):
-        raise FormatError(f"token counts {st.tokens.tolist()} must not be negative")
-    if st.counts.numel():
-        if bool((st.counts < 0).any()):
-            raise FormatError("counts hold negative values; a neuron fires on 0 or more tokens")
-        too_many = st.counts > st.tokens.to(st.counts.dtype)[None, None, :]
-        if bool(too_many.any()):
-            layer_row, _, g = (int(x) for x in too_many.nonzero()[0])
-            raise FormatError(
-                f"counts exceed the token count (layer {st.layers[layer_row]}, group {st.groups[g]!r}: "
-                f"a neuron cannot fire on more than the {int(st.tokens[g])} tokens seen)"
-            )
-    if s > 0:
-        if bool(((st.sample_group < 0) | (st.sample_group >= num_groups)).any()):
-            raise FormatError(f"sample_group holds ids outside 0..{num_groups - 1} ({num_groups} groups)")
-        if bool((st.sample_index < 0).any()) or bool((st.sample_tokens < 0).any()):
-            raise FormatError("sample_index and sample_tokens must not be negative")
-        frac = st.sample_fraction
-        if not frac.is_floating_point() or not bool(((frac >= 0) & (frac <= 1)).all()):
-            raise FormatError("sample_fraction must hold fractions between 0 and 1")
-    if st.sample_counts is not None:
-        sc = st.sample_counts
-        if sc.shape != (s, num_layers, st.counts.shape[1]) or sc.dtype not in _INT_DTYPES:
-            raise FormatError(
-                f"sample_counts has shape {tuple(sc.shape)} / {sc.dtype}, expected integers of shape "
-                f"({s}, {num_layers}, {st.counts.shape[1]})"
-            )
-        if sc.numel() and (bool((sc < 0).any()) or bool((sc > st.sample_tokens[:, None, None]).any())):
-            raise FormatError("sample_counts must lie between 0 and each sample's token count")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _parse_variant(variant: str, tau: float) -> tuple[str, float]:
-    if variant.startswith("set@"):
-        try:
-            return "set", float(variant[4:])
-        except ValueError:
-            raise InvalidInputError(f"bad activation-ratio variant {variant!r}; e.g. 'set@0.5'") from None
-    if variant not in ("mean", "set"):
-        raise InvalidInputError(f"unknown activation-ratio variant {variant!r}; use 'mean' or 'set@TAU'")
-    return variant, tau
+            raise FormatError(f"{Path(directory)}: {exc}") from None

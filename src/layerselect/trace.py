@@ -188,6 +188,8 @@ class FiringTrace:
             if flag is None:
                 flag = self.nonfinite[slot] = torch.zeros((), dtype=torch.bool, device=device)
             flag |= (bad & self._on("mask_bool", device)).any()
+            # counts[b, n] = sum_t mask[b, t] fired[b, t, n]. Not einops.einsum: on the shared 2-core machine
+            # bench_stats could not show it within 1.05x of a plain forward (median 1.11x vs bmm's 1.04x).
             per_sample = torch.bmm(mask[:, None, :], fired).squeeze(1)  # [B, N]
             acc = self.counts.get(slot)
             if acc is None:

@@ -162,7 +162,7 @@ def resample_stats(
 ) -> ActivationStats:
     """The statistics of a resample where sample ``s`` appears ``weights[s]`` times (integers).
 
-    With per-sample counts (``analyze --per-sample-counts``) the counts and
+    With per-sample counts (``collect(..., per_sample_counts=True)``) the counts and
     tokens are recomputed exactly, so every metric is resampled. Without
     them only the per-sample quantities are: the mean activation ratio and
     MSD are recomputed from the per-sample fractions, while count-based

@@ -208,7 +208,7 @@ class Selection:
         """Read a file written by :meth:`save`."""
         path = Path(path)
         if not path.is_file():
-            raise InvalidInputError(f"{path} does not exist; write one with `layerselect select --out {path}`")
+            raise InvalidInputError(f"{path} does not exist; write one with Selection.save or `layerselect select`")
         try:
             return cls.from_json(path.read_bytes())
         except FormatError as exc:
