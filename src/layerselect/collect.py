@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._batching import pad_batch
 from ._progress import progress as progress_bar
 from .arch import get_layout, unwrap_model
 from .distributed import is_sharded
@@ -89,18 +90,6 @@ def _warn_if_too_long(model: nn.Module, samples: Sequence[_Sample]) -> None:
             "was not trained on. Pass max_length to truncate them.",
             stacklevel=3,
         )
-
-
-def _pad(seqs: Sequence[list[int]], pad_id: int, padding_side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``input_ids`` and ``attention_mask`` (``[B, T]`` long, CPU) for token lists padded on ``padding_side``."""
-    width = max(len(x) for x in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, x in enumerate(seqs):
-        sl = slice(width - len(x), width) if padding_side == "left" else slice(0, len(x))
-        ids[row, sl] = torch.tensor(x)
-        mask[row, sl] = 1
-    return ids, mask
 
 
 @contextlib.contextmanager
@@ -212,7 +201,7 @@ def _trace_batches(
     bar = progress_bar(total=total_tokens, unit="tok", desc="collect", disable=not show_progress)
     with _eval_mode(model), torch.inference_mode(), trace, bar:
         for step, batch in enumerate(padded):
-            ids, mask = _pad([samples[s].ids for s in batch], pad_id, padding_side)
+            ids, mask = pad_batch([samples[s].ids for s in batch], pad_id, padding_side)
             extra = {}
             if padding_side == "left":
                 extra["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(input_device)
