@@ -11,6 +11,9 @@ import torch
 __all__ = ["TranslationCollator"]
 
 
+# Not transformers' DataCollatorForSeq2Seq, which gives the same batches only for a tokenizer with a
+# pad token padding on the right: it pads on tokenizer.padding_side (left for Gemma) and refuses
+# tokenizers without a pad token (Llama 3), where we pad right with EOS (tests/test_data_collator.py).
 @dataclass
 class TranslationCollator:
     """Pad ``input_ids`` (with ``pad_token_id``), ``labels`` (-100) and ``attention_mask`` (0) on the right.
@@ -42,6 +45,7 @@ class TranslationCollator:
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Any, **kwargs: Any) -> TranslationCollator:
+        """Pad with the tokenizer's pad token, else its EOS (else 0); always on the right."""
         pad = tokenizer.pad_token_id
         if pad is None:
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
