@@ -11,10 +11,13 @@ from layerselect.data import (
     TranslationCollator,
     TranslationDataset,
     TranslationExample,
+    demo_pairs,
     examples_from_hf,
     filter_examples,
+    first_per_language,
     format_prompt,
     language_name,
+    load_parallel_dir,
     load_translation_data,
     split_holdout,
     tokenize_example,
@@ -159,6 +162,25 @@ def test_jsonl_and_hf_dataset(tmp_path):
     assert load_translation_data(f"hf:{tmp_path / 'saved'}") == ex
     with pytest.raises(InvalidInputError, match="lacks columns"):
         examples_from_hf(datasets.Dataset.from_list([{"lang": "fr", "text": "x"}]))
+
+
+def test_max_pairs_keeps_the_first_n_of_each_language_from_every_source(tmp_path):
+    _write_pairs(tmp_path / "dir", "de", ["a1", "a2", "a3"], ["e1", "e2", "e3"])
+    _write_pairs(tmp_path / "dir", "sw", ["s1", "s2", "s3"], ["f1", "f2", "f3"])
+    rows = [{"lang": lang, "source": f"{lang}{i}", "target": f"e{i}"} for i in range(3) for lang in ("de", "sw")]
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    folder = load_translation_data(f"pairs:{tmp_path / 'dir'}", max_pairs=2)
+    assert [(e.lang, e.source) for e in folder] == [("de", "a1"), ("de", "a2"), ("sw", "s1"), ("sw", "s2")]
+    assert load_parallel_dir(tmp_path / "dir", max_pairs=2) == folder
+    lines = load_translation_data(f"jsonl:{f}", max_pairs=2)  # interleaved languages keep their order
+    assert [e.source for e in lines] == ["de0", "sw0", "de1", "sw1"]
+    demo = load_translation_data("demo", max_pairs=3)
+    assert len(demo) == 3 * len({e.lang for e in demo_pairs()})
+    everything = load_translation_data(f"jsonl:{f}")
+    assert first_per_language(everything, None) == everything
+    assert first_per_language(everything, 2) == lines
+    assert load_translation_data(f"jsonl:{f}", max_pairs=10) == everything
 
 
 def test_split_holdout_is_deterministic_and_disjoint():

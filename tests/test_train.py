@@ -151,6 +151,15 @@ def test_cli_train_tiny(tiny_checkpoint, tmp_path, capsys):
     assert summary["steps"] == 3 and summary["heldout_pairs"] == 4 and summary["layers"] == [0, 1]
 
 
+def test_cli_max_pairs_caps_each_language_after_the_holdout(tiny_checkpoint, tmp_path, capsys):
+    rc = _cli(tiny_checkpoint, tmp_path / "run", "--layers", "1", "--holdout", "2", "--max-pairs", "5",
+              "--no-filter", "--max-steps", "1")
+    assert rc == 0, capsys.readouterr().err
+    assert "training pairs: 10 in 2 languages" in capsys.readouterr().err
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["examples"] == 10 and summary["heldout_pairs"] == 4  # 12 per language: 2 held out, 5 of 10 kept
+
+
 def test_cli_train_auto_selects(tiny_checkpoint, tmp_path, capsys):
     rc = _cli(tiny_checkpoint, tmp_path / "run", "--layers", "auto",
               "--analysis-data", f"txt:{tiny_checkpoint / 'texts'}", "--max-steps", "1")

@@ -67,12 +67,13 @@ def run_demo(
     ``out`` defaults to :func:`default_demo_dir`; ``keep_checkpoints`` also writes the
     Trainer's final ``train/checkpoint-N/`` (optimizer state included, about 2x the
     adapter); by default only the adapter, the loss log and the statistics are written.
+
+    Example:
+        >>> run_demo(out="/tmp/layerselect-demo", steps=20)["reload_bitwise_equal"]   # doctest: +SKIP
+        True
     """
     from .criteria import select
-    from .data import TranslationExample
-    from .selective_ffn import SelectiveFFNConfig, SelectiveFFNModel
     from .stats import ActivationStats
-    from .train import train_slam, translation_loss
 
     out = Path(out) if out is not None else default_demo_dir()
     out.mkdir(parents=True, exist_ok=True)
@@ -96,6 +97,48 @@ def run_demo(
     print(selection.explain())
 
     _say(4, total, f"Training only the FFN (up_proj, down_proj) of layers {selection.layers} for {steps} steps")
+    adapter_dir, losses = _train(base, tokenizer, prompts, selection, model, out / "train", steps=steps,
+                                 learning_rate=learning_rate, batch_size=batch_size, seed=seed,
+                                 progress=progress, keep_checkpoints=keep_checkpoints)
+
+    _say(5, total, "Reloading the adapter onto a fresh base model and verifying the weights")
+    reloaded = _reload_and_verify(model, adapter_dir, trained=base)
+
+    _say(6, total, "Overlap with English, before vs after training (selected layers and the ones above)")
+    after = ActivationStats.collect(
+        reloaded.get_base_model(), tokenizer, texts, batch_size=16, progress=progress, model_name=model
+    )
+    after.save(out / "stats_after")
+    rows = _overlap_rows(before, after, selection.layers)
+
+    summary = {
+        "model": model,
+        "selected_layers": selection.layers,
+        "train_steps": steps,
+        "translation_loss_before_after": losses,
+        "adapter": str(adapter_dir),
+        "adapter_bytes": sum(f.stat().st_size for f in Path(adapter_dir).iterdir()),
+        "reload_bitwise_equal": True,  # _reload_and_verify raises otherwise
+        "overlap_before_after": rows,
+        "seconds": round(time.time() - started, 1),
+        "files": {
+            "stats_before": str(out / "stats_before"),
+            "stats_after": str(out / "stats_after"),
+            "selection": str(out / "selection.json"),
+        },
+    }
+    _write_summary(out, summary, keep_checkpoints)
+    return summary
+
+
+def _train(base: Any, tokenizer: Any, prompts: list[dict[str, Any]], selection: Any, model: str, out: Path, *,
+           steps: int, learning_rate: float, batch_size: int, seed: int, progress: bool,
+           keep_checkpoints: bool) -> tuple[Path, list[float]]:
+    """Train the selected layers in place on the demo pairs; return the adapter and the loss before/after."""
+    from .data import TranslationExample
+    from .selective_ffn import SelectiveFFNConfig
+    from .train import train_slam, translation_loss
+
     pairs = [TranslationExample(lang, p[lang], p["en"]) for p in prompts for lang in DEMO_LANGS if lang != "en"]
     config = SelectiveFFNConfig(layers=selection, base_model_name_or_path=model)
     loss_before = translation_loss(base, tokenizer, pairs, batch_size=4, progress=progress,
@@ -105,7 +148,7 @@ def run_demo(
         tokenizer,
         pairs,
         config,
-        output_dir=out / "train",
+        output_dir=out,
         max_steps=steps,
         learning_rate=learning_rate,
         per_device_train_batch_size=batch_size,
@@ -116,14 +159,19 @@ def run_demo(
         disable_tqdm=not progress,
         save_strategy="steps" if keep_checkpoints else "no",
     )
-    trained = base  # train_slam trains the base model's own tensors in place
-    losses = [loss_before, translation_loss(trained, tokenizer, pairs, batch_size=4, progress=progress,
+    # train_slam trains the base model's own tensors in place
+    losses = [loss_before, translation_loss(base, tokenizer, pairs, batch_size=4, progress=progress,
                                             desc="translation loss after")]
     print(f"translation loss on the {len(pairs)} pairs (English target tokens): "
           f"{losses[0]:.4f} -> {losses[1]:.4f}")
     print(f"adapter written to {adapter_dir}")
+    return adapter_dir, losses
 
-    _say(5, total, "Reloading the adapter onto a fresh base model and verifying the weights")
+
+def _reload_and_verify(model: str, adapter_dir: Path, trained: torch.nn.Module) -> Any:
+    """The adapter on a freshly loaded base; raises unless every tensor equals ``trained``'s bit for bit."""
+    from .selective_ffn import SelectiveFFNModel
+
     fresh, _ = load_model(model)
     reloaded = SelectiveFFNModel.from_pretrained(fresh, adapter_dir)
     trained_state = dict(trained.named_parameters())
@@ -134,48 +182,33 @@ def run_demo(
     ]
     if mismatched:
         raise LayerSelectError(f"reloaded weights differ from the trained ones in {mismatched[:3]}")
-    n_changed = len(reloaded.target_names)
-    print(f"all {len(trained_state)} parameter tensors match bit for bit ({n_changed} carry trained deltas)")
+    print(f"all {len(trained_state)} parameter tensors match bit for bit "
+          f"({len(reloaded.target_names)} carry trained deltas)")
+    return reloaded
 
-    _say(6, total, "Overlap with English, before vs after training (selected layers and the ones above)")
-    after = ActivationStats.collect(
-        reloaded.get_base_model(), tokenizer, texts, batch_size=16, progress=progress, model_name=model
-    )
-    after.save(out / "stats_after")
+
+def _overlap_rows(before: Any, after: Any, selected: list[int]) -> list[dict[str, Any]]:
+    """Average overlap with English per layer, before and after, up to three layers above the selection."""
     avg_before, avg_after = before.overlap("en").average, after.overlap("en").average
     # Firing at layer l depends on its (untrained) gate matrix and on the layers below,
     # so with the default up/down targets the lowest selected layer cannot move;
     # the layers above it show the effect.
-    shown = [layer for layer in before.layers if layer <= max(selection.layers) + 3]
+    shown = [layer for layer in before.layers if layer <= max(selected) + 3]
     rows = []
     for layer in shown:
         i = before.layers.index(layer)
-        rows.append({"layer": layer, "selected": layer in selection.layers,
+        rows.append({"layer": layer, "selected": layer in selected,
                      "before": float(avg_before[i]), "after": float(avg_after[i])})
-        mark = "*" if layer in selection.layers else " "
+        mark = "*" if layer in selected else " "
         print(f"  layer {layer:2d}{mark} average overlap with English {rows[-1]['before']:.4f} -> "
               f"{rows[-1]['after']:.4f} ({rows[-1]['after'] - rows[-1]['before']:+.4f})")
     print("  (* = trained; a trained layer's own firing depends on its gate matrix, which the "
           "default targets up_proj/down_proj leave frozen)")
+    return rows
 
-    summary = {
-        "model": model,
-        "selected_layers": selection.layers,
-        "train_steps": steps,
-        "translation_loss_before_after": losses,
-        "adapter": str(adapter_dir),
-        "adapter_bytes": sum(f.stat().st_size for f in Path(adapter_dir).iterdir()),
-        "reload_bitwise_equal": not mismatched,
-        "overlap_before_after": rows,
-        "seconds": round(time.time() - started, 1),
-        "files": {
-            "stats_before": str(out / "stats_before"),
-            "stats_after": str(out / "stats_after"),
-            "selection": str(out / "selection.json"),
-        },
-    }
+
+def _write_summary(out: Path, summary: dict[str, Any], keep_checkpoints: bool) -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\nDone in {summary['seconds']:.0f}s. Files in {out}/: stats_before/, selection.json, "
           f"train/ (adapter/, loss.png{', checkpoint-N/' if keep_checkpoints else ''}), stats_after/, "
           "summary.json")
-    return summary

@@ -125,7 +125,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import filter_examples, load_translation_data, split_holdout
+    from ..data import filter_examples, first_per_language, load_translation_data, split_holdout
     from ..selective_ffn.config import SelectiveFFNConfig
     from ..selective_ffn.model import get_slam_model
     from ..train import default_training_args, train_slam, translation_loss
@@ -143,14 +143,7 @@ def run(args: argparse.Namespace) -> int:
     heldout = []
     if args.holdout:
         pairs, heldout = split_holdout(pairs, per_lang=args.holdout, seed=args.seed)
-    if args.max_pairs is not None:
-        count: dict[str, int] = {}
-        kept = []
-        for pair in pairs:
-            count[pair.lang] = count.get(pair.lang, 0) + 1
-            if count[pair.lang] <= args.max_pairs:
-                kept.append(pair)
-        pairs = kept
+    pairs = first_per_language(pairs, args.max_pairs)  # after the holdout: it draws from all pairs
     if not args.no_filter:
         pairs, report = filter_examples(pairs)
         _status(f"quality filter: {report}")
