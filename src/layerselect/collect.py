@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ._batching import pad_batch
+from ._dist import is_distributed, rank, world_size
 from ._progress import progress as progress_bar
 from .arch import get_layout, unwrap_model
 from .distributed import is_sharded
@@ -104,9 +105,8 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 def _dist_info() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    # Only a live group splits the work: a WORLD_SIZE with no group has nobody to gather from.
+    return (rank(), world_size()) if is_distributed() else (0, 1)
 
 
 def collect_stats(

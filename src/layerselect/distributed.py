@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._dist import barrier, is_distributed, world_size
+from ._dist import is_main_process as is_main
 from .errors import InvalidInputError
 
 __all__ = [
@@ -166,7 +168,7 @@ def shard_slam_model(slam: Any, *, mesh: Any = None, reshard_after_forward: bool
         raise InvalidInputError(
             f"shard_slam_model needs a SelectiveFFNModel (from get_slam_model), got {type(slam).__name__}"
         )
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+    if not is_distributed():
         raise InvalidInputError("shard_slam_model needs torch.distributed initialised (launch with torchrun)")
     if is_sharded(slam.model):
         raise InvalidInputError("the model is already sharded")
@@ -174,7 +176,7 @@ def shard_slam_model(slam: Any, *, mesh: Any = None, reshard_after_forward: bool
         from torch.distributed.device_mesh import init_device_mesh
 
         device = next(slam.model.parameters()).device
-        mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+        mesh = init_device_mesh(device.type, (world_size(),))
     kwargs = dict(mesh=mesh, reshard_after_forward=reshard_after_forward, **fsdp_kwargs)
     for layer in _decoder_layers(slam):
         fully_shard(layer, **kwargs)
@@ -197,16 +199,7 @@ def _iter_targets(slam: Any) -> Iterator[tuple[str, nn.Parameter]]:
 
 
 def _is_main(is_main_process: bool | None) -> bool:
-    if is_main_process is not None:
-        return is_main_process
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    return is_main() if is_main_process is None else is_main_process
 
 
 def save_checkpoint(
@@ -258,7 +251,7 @@ def save_checkpoint(
             torch.save(scheduler.state_dict(), out / _SCHEDULER_NAME)
         state = {"step": int(step), "format": "layerselect.checkpoint", "targets": sorted(exact)}
         (out / CHECKPOINT_STATE_NAME).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-    _barrier()
+    barrier()
     return out
 
 
