@@ -64,8 +64,8 @@ def fail_at(step: int) -> Iterator[list[str]]:
     wrap(_io, "_exchange")
     wrap(_io, "atomic_write_text")
     wrap(st, "save_file")
-    from layerselect import stats_format as stats
     from layerselect.selective_ffn import writing as adapter_writing
+    from layerselect.stats import files as stats
 
     for module in (stats, adapter_writing):
         if hasattr(module, "save_file"):

@@ -13,7 +13,7 @@ from _selection_helpers import hand_stats
 from layerselect import ActivationStats
 from layerselect.cli import main
 from layerselect.errors import FormatError, InvalidInputError, NumericalError
-from layerselect.stats_format import META_FILE, TENSOR_FILE, _meta_checksum, _sha256
+from layerselect.stats.files import META_FILE, TENSOR_FILE, _meta_checksum, _sha256
 from layerselect.texts import load_texts
 from tiny import tiny_model, tiny_texts, tiny_tokenizer
 

@@ -164,7 +164,7 @@ def test_failed_save_keeps_previous_files(tmp_path, hand, monkeypatch):
     d = tmp_path / "s"
     hand.save(d)
     before = (d / "stats.safetensors").read_bytes()
-    import layerselect.stats_format as mod
+    import layerselect.stats.files as mod
 
     def boom(*a, **k):
         raise OSError("disk full")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from layerselect.arch import get_layout
-from layerselect.trace import FiringTrace
+from layerselect.stats.trace import FiringTrace
 from tiny import tiny_model, tiny_tokenizer
 
 

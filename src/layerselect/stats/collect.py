@@ -1,7 +1,7 @@
 """The streaming collector behind :meth:`ActivationStats.collect` (the hot path).
 
 :func:`collect_stats` reads as: tokenize each text alone, sort by length and
-batch, run each batch under a :class:`~layerselect.trace.FiringTrace` (the
+batch, run each batch under a :class:`~layerselect.stats.trace.FiringTrace` (the
 counting hooks; the forward stops after the last requested layer, so upper
 layers and the LM head never run), then reduce the accumulators into an
 :class:`ActivationStats`. Memory is independent of the number of texts:
@@ -22,15 +22,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._batching import pad_batch
-from ._dist import is_distributed, rank, world_size
-from ._progress import progress as progress_bar
-from .arch import get_layout, unwrap_model
-from .distributed import is_sharded
-from .errors import InvalidInputError, NumericalError
-from .stats import ActivationStats
-from .stats_format import DEFINITIONS_VERSION
+from .._batching import pad_batch
+from .._dist import is_distributed, rank, world_size
+from .._progress import progress as progress_bar
+from ..arch import get_layout, unwrap_model
+from ..distributed import is_sharded
+from ..errors import InvalidInputError, NumericalError
+from .files import DEFINITIONS_VERSION
 from .trace import FiringTrace
+from .value import ActivationStats
 
 __all__ = ["collect_stats", "check_materialized"]
 

@@ -7,7 +7,7 @@ built on another calls it through the statistics' method, so a subclass that
 overrides one (the bootstrap's resampled statistics) changes every metric above it.
 
 Example:
-    >>> from layerselect.stats_metrics import activation_ratio, msd, overlap
+    >>> from layerselect.stats.metrics import activation_ratio, msd, overlap
     >>> activation_ratio(stats)          # R[layer, group]        # doctest: +SKIP
     >>> msd(stats)                       # MSD[layer]             # doctest: +SKIP
     >>> overlap(stats, reference="en")   # Overlap(per_group, average)   # doctest: +SKIP
@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 
 if TYPE_CHECKING:  # only for annotations: stats.py imports this module
-    from .stats import ActivationStats
+    from .value import ActivationStats
 
 __all__ = [
     "Overlap", "OVERLAP_METHODS", "activation_probability", "activation_ratio", "msd", "overlap",

@@ -1,4 +1,4 @@
-""":class:`FiringTrace`: the counting hooks of :mod:`layerselect.collect` as a self-cleaning context manager.
+""":class:`FiringTrace`: the counting hooks of :mod:`layerselect.stats.collect` as a self-cleaning context manager.
 
 In the style of baukit's ``nethook.Trace``: entering installs a forward hook on
 the activation module ``f(gate(x))`` of each requested layer (plus, with left

@@ -8,7 +8,7 @@ that is not exactly what :func:`write_stats` wrote, and :func:`check_invariants`
 dtypes and counts with a :class:`~layerselect.errors.FormatError` saying what is wrong.
 
 Example:
-    >>> from layerselect.stats_format import read_stats
+    >>> from layerselect.stats.files import read_stats
     >>> stats.save("stats/")                                                     # doctest: +SKIP
     >>> ActivationStats(**read_stats("stats/")) == stats   # what load does      # doctest: +SKIP
     True
@@ -27,11 +27,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ._io import atomic_directory, check_format_version, read_json, write_json
-from .errors import FormatError
+from .._io import atomic_directory, check_format_version, read_json, write_json
+from ..errors import FormatError
 
 if TYPE_CHECKING:  # only for annotations: stats.py imports this module
-    from .stats import ActivationStats
+    from .value import ActivationStats
 
 __all__ = [
     "STATS_FORMAT_VERSION", "DEFINITIONS_VERSION", "TENSOR_FILE", "META_FILE",
@@ -48,7 +48,7 @@ META_FILE = "stats.json"
 
 
 def _library_version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 

@@ -1,7 +1,7 @@
 """ActivationStats: per-language FFN firing counts and the metrics derived from them.
 
 The stored state is the *sufficient statistics* of DESIGN.md, collected in one
-streaming pass (see :mod:`layerselect.collect`):
+streaming pass (see :mod:`layerselect.stats.collect`):
 
 - ``counts[l, n, g]``: tokens of group ``g`` on which neuron ``n`` of layer
   ``layers[l]`` fired (``f(gate(x))[n] > 0``), int64;
@@ -13,8 +13,8 @@ streaming pass (see :mod:`layerselect.collect`):
 - optionally ``sample_counts[s, l, n]`` (per-sample per-neuron counts; large).
 
 Everything else (activation probability, activation ratio, overlap, MSD) is
-derived on demand in float64 and never stored (:mod:`layerselect.stats_metrics`);
-the file format and the checks every value passes are in :mod:`layerselect.stats_format`.
+derived on demand in float64 and never stored (:mod:`layerselect.stats.metrics`);
+the file format and the checks every value passes are in :mod:`layerselect.stats.files`.
 
 Example:
     >>> from layerselect import ActivationStats
@@ -35,22 +35,16 @@ from typing import Any
 
 import torch
 
-from . import stats_metrics as metrics
-from .errors import FormatError, IncompatibleStatsError, InvalidInputError
-from .stats_format import (
-    DEFINITIONS_VERSION,
-    META_FILE,
-    STATS_FORMAT_VERSION,
-    TENSOR_FILE,
+from ..errors import FormatError, IncompatibleStatsError, InvalidInputError
+from . import metrics
+from .files import (
     check_invariants,
     read_stats,
     write_stats,
 )
-from .stats_metrics import OVERLAP_METHODS, Overlap
+from .metrics import Overlap
 
-__all__ = ["ActivationStats", "Overlap", "STATS_FORMAT_VERSION", "DEFINITIONS_VERSION"]
-# Their home is stats_format / stats_metrics; importing them from here keeps working.
-_OLD_IMPORT_PATHS = (META_FILE, TENSOR_FILE, OVERLAP_METHODS)
+__all__ = ["ActivationStats"]
 
 
 @dataclass
@@ -84,7 +78,7 @@ class ActivationStats:
     ) -> ActivationStats:
         """Run the model over ``{group: [text, ...]}`` and count firing neurons.
 
-        See :func:`layerselect.collect.collect_stats` for the keyword arguments
+        See :func:`layerselect.stats.collect.collect_stats` for the keyword arguments
         (``batch_size``, ``layers``, ``max_length``, ``padding_side``,
         ``per_sample_counts``, ``progress``).
         """
@@ -120,7 +114,7 @@ class ActivationStats:
             ) from None
 
     # ------------------------------------------------------------------ derived metrics
-    # The computations live in stats_metrics; these methods are the documented API.
+    # The computations live in stats.metrics; these methods are the documented API.
     def activation_probability(self) -> torch.Tensor:
         """``p[l, n, g] = counts / tokens`` in float64."""
         return metrics.activation_probability(self)
