@@ -35,7 +35,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._dist import barrier, is_distributed, world_size
+# The tensor-level pieces live in _dist (stats and selective_ffn need them, below this module).
+from ._dist import (
+    barrier,
+    gather_full,
+    is_distributed,
+    is_sharded,
+    is_sharded_parameter,
+    set_full,
+    world_size,
+)
 from ._dist import is_main_process as is_main
 from .errors import InvalidInputError
 
@@ -55,67 +64,6 @@ __all__ = [
 CHECKPOINT_STATE_NAME = "checkpoint_state.json"
 _OPTIMIZER_NAME = "optimizer.pt"
 _SCHEDULER_NAME = "scheduler.pt"
-
-
-def _dtensor_type() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return None
-    return DTensor
-
-
-def is_sharded_parameter(tensor: torch.Tensor) -> bool:
-    """True for an FSDP2 ``DTensor`` parameter or a DeepSpeed ZeRO-3 partitioned one."""
-    dtensor = _dtensor_type()
-    return (dtensor is not None and isinstance(tensor, dtensor)) or hasattr(tensor, "ds_id")
-
-
-def is_sharded(module: nn.Module) -> bool:
-    """True when any parameter of ``module`` is sharded (FSDP2 or ZeRO-3)."""
-    return any(is_sharded_parameter(p) for p in module.parameters())
-
-
-@torch.no_grad()
-def gather_full(tensor: torch.Tensor) -> torch.Tensor:
-    """The full value of one parameter, as a new CPU tensor.
-
-    A collective for a sharded parameter (every rank must call it, in the same
-    order): FSDP2 all-gathers this one ``DTensor``; ZeRO-3 gathers this one
-    parameter. A plain tensor is copied.
-    """
-    dtensor = _dtensor_type()
-    if dtensor is not None and isinstance(tensor, dtensor):
-        return tensor.detach().full_tensor().to("cpu", copy=True)
-    if hasattr(tensor, "ds_id"):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
-            return tensor.detach().to("cpu", copy=True)
-    return tensor.detach().to("cpu", copy=True)
-
-
-@torch.no_grad()
-def set_full(param: torch.Tensor, value: torch.Tensor) -> None:
-    """Set a (possibly sharded) parameter from its full value, which every rank holds.
-
-    FSDP2: each rank copies its own shard of ``value`` (no communication);
-    ZeRO-3: the parameter is gathered, overwritten and re-partitioned.
-    """
-    dtensor = _dtensor_type()
-    if dtensor is not None and isinstance(param, dtensor):
-        from torch.distributed.tensor import distribute_tensor
-
-        full = value.to(device=param.device, dtype=param.dtype)
-        param.copy_(distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None))
-        return
-    if hasattr(param, "ds_id"):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-            param.data.copy_(value.to(param.device, param.dtype))
-        return
-    param.copy_(value.to(param.device, param.dtype))
 
 
 def _mask_rows_hook(rows: slice) -> Any:

@@ -39,8 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._dist import gather_full, is_sharded_parameter
 from ..arch import get_layout, unwrap_model
-from ..distributed import gather_full, is_sharded_parameter
 from ..errors import InvalidInputError
 from .config import SelectiveFFNConfig
 from .io import (

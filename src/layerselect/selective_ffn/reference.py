@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..distributed import gather_full
+from .._dist import gather_full
 from ..errors import InvalidInputError
 
 __all__ = ["Reference", "ReferenceMode"]

@@ -23,10 +23,9 @@ import torch
 from torch import nn
 
 from .._batching import pad_batch
-from .._dist import is_distributed, rank, world_size
+from .._dist import is_distributed, is_sharded, rank, world_size
 from .._progress import progress as progress_bar
 from ..arch import get_layout, unwrap_model
-from ..distributed import is_sharded
 from ..errors import InvalidInputError, NumericalError
 from .files import DEFINITIONS_VERSION
 from .trace import FiringTrace
