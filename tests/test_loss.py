@@ -18,13 +18,8 @@ from layerselect.selective_ffn import SelectiveFFNConfig, get_slam_model
 from layerselect.train import train_slam, translation_loss
 from tiny import FAMILIES, IDS, tiny_model, tiny_tokenizer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny matmuls: threads only add contention on a shared CPU.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _labels() -> torch.Tensor:

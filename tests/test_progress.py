@@ -18,13 +18,8 @@ from layerselect.selective_ffn.config import SelectiveFFNConfig
 from layerselect.train import train_slam, translation_loss
 from tiny import tiny_model, tiny_texts, tiny_tokenizer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny matmuls: threads only add contention on a shared CPU.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class _Terminal(io.StringIO):

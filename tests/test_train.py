@@ -18,14 +18,8 @@ from layerselect.selective_ffn.model import SelectiveFFNModel
 from layerselect.train import TRAINABLE_WEIGHTS_NAME, train_slam, translation_loss
 from tiny import tiny_model, tiny_tokenizer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: threads only add contention on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny matmuls: threads only add contention on a shared CPU.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 SELECTED = {"model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.weight"}

@@ -24,13 +24,8 @@ from layerselect.train.arguments import warmup_arguments
 from layerselect.train.trainer import PRIVATE_TRAINER_HOOKS
 from tiny import tiny_model, tiny_tokenizer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny matmuls: threads only add contention on a shared CPU.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _pairs(n: int = 8) -> list[TranslationExample]:
