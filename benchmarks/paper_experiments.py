@@ -435,20 +435,55 @@ def _argv_without_isolate() -> list[str]:
 
 
 def choose_lr(args: argparse.Namespace) -> float:
-    """Train ``slam`` with each lr of ``--lr-grid``; keep the lowest held-out translation loss (never MGSM)."""
+    """Train ``slam`` with each lr of ``--lr-grid``; keep the lowest held-out translation loss.
+
+    Only the held-out translation pairs are measured (never MGSM), so a trial costs
+    its training plus one pass over those pairs. The msd layers come from the base
+    model's statistics, collected once. One JSON per trial in ``--out/lr_search``;
+    finished trials are skipped on restart.
+    """
     grid = [float(x) for x in _csv(args.lr_grid)]
-    results = {}
-    for lr in grid:
-        sub = argparse.Namespace(**vars(args))
-        sub.lr, sub.out, sub.runs, sub.lr_grid = lr, str(Path(args.out) / f"lr_search/lr{lr:g}"), "slam", None
-        run_all(sub)
-        rec = json.loads((Path(sub.out) / "runs" / "slam.json").read_text())
-        results[lr] = rec["heldout_translation_loss"]
-        print(f"[experiments] lr {lr:g}: held-out translation loss {results[lr]:.4f}", file=sys.stderr)
+    folder = Path(args.out) / "lr_search"
+    results = {lr: lr_trial(args, lr, folder)["heldout_translation_loss"] for lr in grid}
     best = min(results, key=results.get)
     _write_json(Path(args.out) / "lr_search.json", {"heldout_translation_loss": {f"{k:g}": v for k, v in results.items()},
-                                                   "chosen": best})
+                                                   "chosen": best, "settings": settings_of(args)})
     return best
+
+
+def lr_trial(args: argparse.Namespace, lr: float, folder: Path) -> dict[str, Any]:
+    """One lr of the grid: train slam from a fresh base, measure the held-out translation loss."""
+    from layerselect import ActivationStats
+    from layerselect.models import load_model
+
+    trial = argparse.Namespace(**vars(args))
+    trial.lr = lr
+    settings = settings_of(trial)
+    path = folder / f"lr{lr:g}.json"
+    if path.is_file() and json.loads(path.read_text()).get("settings") == settings:
+        print(f"[experiments] lr {lr:g}: done, skipped", file=sys.stderr)
+        return json.loads(path.read_text())
+    model, tokenizer = load_model(args.model, dtype=args.dtype,
+                                  device="cuda" if torch.cuda.is_available() else None)
+    torch.manual_seed(args.seed)
+    data = load_data(trial, tokenizer)
+    sel_path = folder / "selection.json"
+    if not sel_path.is_file():
+        stats = ActivationStats.collect(model, tokenizer, data["stats_texts"], batch_size=args.eval_batch_size,
+                                        progress=False)
+        _write_json(sel_path, base_selection(stats))
+    spec = run_spec("slam", model, json.loads(sel_path.read_text())["layers"])
+    slam, _, _ = prepare(model, spec)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    timing = train(slam, data["train"], pad, trial, folder / f"lr{lr:g}.pt")
+    record = {"lr": lr, "layers": spec["layers"], "targets": spec["targets"],
+              "heldout_translation_loss": token_loss(slam, data["heldout"], pad, args.eval_batch_size),
+              "train_loss": timing["train_loss"], "s_per_step": timing["s_per_step"], "settings": settings}
+    _write_json(path, record)
+    (folder / f"lr{lr:g}.pt").unlink(missing_ok=True)
+    print(f"[experiments] lr {lr:g}: held-out translation loss {record['heldout_translation_loss']:.4f}",
+          file=sys.stderr)
+    return record
 
 
 # ----------------------------------------------------------------------------------------- report

@@ -163,3 +163,25 @@ def test_interrupted_run_resumes_to_the_same_weights(setup, tmp_path, monkeypatc
     opts.lr = 0.5
     with pytest.raises(SystemExit, match="other settings"):
         run(ckpt)
+
+
+def test_lr_grid_picks_the_lowest_heldout_loss_and_resumes(setup, tmp_path, capsys):
+    root, args = setup
+    mod = _load_script()
+    out = tmp_path / "lr"
+    argv = [*args, "--out", str(out), "--runs", "slam", "--lr-grid", "1e-4,3e-2"]
+    assert mod.main(argv) == 0
+    trials = {float(p.stem.removeprefix("lr")): json.loads(p.read_text())
+              for p in (out / "lr_search").glob("lr*.json")}
+    assert set(trials) == {1e-4, 3e-2}
+    losses = {lr: t["heldout_translation_loss"] for lr, t in trials.items()}
+    assert losses[1e-4] != losses[3e-2]  # the lr changed the trained model
+    chosen = json.loads((out / "lr_search.json").read_text())["chosen"]
+    assert chosen == min(losses, key=losses.get)
+    # the table's runs use the chosen lr, and the trials' checkpoints are gone
+    assert json.loads((out / "runs" / "slam.json").read_text())["settings"]["lr"] == chosen
+    assert not list((out / "lr_search").glob("*.pt"))
+    capsys.readouterr()
+    assert mod.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "lr 0.0001: done, skipped" in err and "lr 0.03: done, skipped" in err
