@@ -357,6 +357,23 @@ def base_selection(stats: Any) -> dict[str, Any]:
     return {"layers": list(sel.layers), "reason": sel.explain()}
 
 
+def finished_twin(out: Path, name: str, spec: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any] | None:
+    """A finished run (same settings) that trains exactly ``spec``: its record stands for ``name`` too.
+
+    Every run starts from the same base with the same data order, so two runs with
+    the same kind, layers and targets are the same computation (a recomputed one
+    agrees bit for bit; see random_s0 = slam in docs/results.md).
+    """
+    if spec["kind"] == "none":
+        return None
+    for path in sorted((out / "runs").glob("*.json")):
+        rec = json.loads(path.read_text())
+        if (rec.get("run") != name and "same_as" not in rec and rec.get("settings") == settings
+                and (rec.get("kind"), rec.get("layers"), rec.get("targets")) == (spec["kind"], spec["layers"], spec["targets"])):
+            return rec
+    return None
+
+
 def do_run(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Load a fresh base, train run ``name``, measure it; returns the JSON record."""
     from layerselect.models import load_model
@@ -374,6 +391,11 @@ def do_run(name: str, args: argparse.Namespace) -> dict[str, Any]:
     else:
         msd_layers = []
     spec = run_spec(name, model, msd_layers)
+    twin = finished_twin(out, name, spec, settings_of(args))
+    if twin is not None:  # e.g. first_n when msd picks the first layers: the same training, already measured
+        print(f"[experiments] {name}: trains exactly what {twin['run']} trained; its record is reused",
+              file=sys.stderr)
+        return {**twin, "run": name, "same_as": twin["run"]}
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainable_model, trainable, total = prepare(model, spec)
@@ -555,7 +577,7 @@ def write_table(out: str | os.PathLike[str], md_path: str | os.PathLike[str], no
         g = r["gap"]
         d, lo, hi = paired_gap_delta(r, base) if base and r is not base else (float("nan"),) * 3
         layers = "all" if r["kind"] in ("lora", "full") or len(r["layers"]) > 8 else str(r["layers"])
-        step = f"{r['s_per_step']:.2f}" if "s_per_step" in r else "-"
+        step = f"= {r['same_as']}" if "same_as" in r else f"{r['s_per_step']:.2f}" if "s_per_step" in r else "-"
         lines.append(
             f"| {r['run']} | {layers if r['kind'] != 'none' else '-'} | {'+'.join(r['targets']) or '-'} | "
             f"{r['trainable_params']:,} ({r['trainable_pct']:.2f}%) | {step} | {r['peak_rss_mb']:.0f} | "
@@ -593,7 +615,7 @@ def _overlap_figure(runs: list[dict[str, Any]], path: str) -> str | None:
     fig = Figure(figsize=(7.5, 4.2), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    for k, r in enumerate(runs):
+    for k, r in enumerate(r for r in runs if "same_as" not in r):  # a reused record would hide its twin
         ax.plot(r["overlap_avg"], marker="o", ms=3, color=LANG_COLORS[k % len(LANG_COLORS)], label=r["run"],
                 lw=2.2 if r["run"] in ("base", "slam") else 1.0)
     ax.set_xlabel("layer")

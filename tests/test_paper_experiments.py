@@ -65,6 +65,8 @@ def test_quick_runs_measure_resume_and_table(setup, capsys):
     msd = json.loads((root / "out" / "selection.json").read_text())["layers"]
     k = len(msd)
     assert runs["slam"]["layers"] == msd and runs["first_n"]["layers"] == list(range(k))
+    # a run that trains what an earlier one trained reuses its record instead of repeating it
+    assert runs["first_n"].get("same_as") == ("slam" if msd == list(range(k)) else None)
     assert all(len(runs[f"random_s{s}"]["layers"]) == k for s in range(3))
     # hand-checked parameter counts of the tiny llama (hidden 32, intermediate 48, 2 kv heads of 8)
     assert runs["slam"]["trainable_params"] == k * 2 * 32 * 48
@@ -185,3 +187,23 @@ def test_lr_grid_picks_the_lowest_heldout_loss_and_resumes(setup, tmp_path, caps
     assert mod.main(argv) == 0
     err = capsys.readouterr().err
     assert "lr 0.0001: done, skipped" in err and "lr 0.03: done, skipped" in err
+
+
+def test_a_run_that_trains_what_a_finished_run_trained_reuses_its_record(tmp_path):
+    mod = _load_script()
+    settings = {"steps": 40, "lr": 1e-4}
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    slam = {"run": "slam", "kind": "selective", "layers": [0], "targets": ["up", "down"], "settings": settings}
+    (runs / "slam.json").write_text(json.dumps(slam))
+    same = {"kind": "selective", "layers": [0], "targets": ["up", "down"]}
+    assert mod.finished_twin(tmp_path, "first_n", same, settings)["run"] == "slam"
+    # other layers, other targets, other settings, or itself: no twin
+    assert mod.finished_twin(tmp_path, "first_n", {**same, "layers": [1]}, settings) is None
+    assert mod.finished_twin(tmp_path, "first_n", {**same, "targets": ["gate", "up", "down"]}, settings) is None
+    assert mod.finished_twin(tmp_path, "first_n", same, {**settings, "lr": 3e-4}) is None
+    assert mod.finished_twin(tmp_path, "slam", same, settings) is None
+    # a reused record is never the source of another reuse (the chain would hide the real run)
+    (runs / "first_n.json").write_text(json.dumps({**slam, "run": "first_n", "same_as": "slam"}))
+    (runs / "slam.json").unlink()
+    assert mod.finished_twin(tmp_path, "random_s1", same, settings) is None
