@@ -87,3 +87,14 @@ def test_check_layers():
         layout.check_layers([1, 1])
     with pytest.raises(InvalidInputError, match="not an integer"):
         layout.check_layers([1.0])
+
+
+def test_the_01_names_still_resolve_with_a_deprecation_warning():
+    import layerselect.arch as arch
+
+    with pytest.warns(DeprecationWarning, match="renamed get_layout"):
+        assert arch.get_adapter is arch.get_layout
+    with pytest.warns(DeprecationWarning, match="renamed ModelLayout"):
+        assert arch.ModelAdapter is arch.ModelLayout
+    with pytest.raises(AttributeError):
+        arch.no_such_name  # noqa: B018
