@@ -366,8 +366,7 @@ def finished_twin(out: Path, name: str, spec: dict[str, Any], settings: dict[str
     """
     if spec["kind"] == "none":
         return None
-    for path in sorted((out / "runs").glob("*.json")):
-        rec = json.loads(path.read_text())
+    for rec in load_runs(out):  # in table order: slam is the twin named before its controls
         if (rec.get("run") != name and "same_as" not in rec and rec.get("settings") == settings
                 and (rec.get("kind"), rec.get("layers"), rec.get("targets")) == (spec["kind"], spec["layers"], spec["targets"])):
             return rec

@@ -196,8 +196,9 @@ def test_a_run_that_trains_what_a_finished_run_trained_reuses_its_record(tmp_pat
     runs.mkdir()
     slam = {"run": "slam", "kind": "selective", "layers": [0], "targets": ["up", "down"], "settings": settings}
     (runs / "slam.json").write_text(json.dumps(slam))
+    (runs / "random_s0.json").write_text(json.dumps({**slam, "run": "random_s0"}))  # the same layer by chance
     same = {"kind": "selective", "layers": [0], "targets": ["up", "down"]}
-    assert mod.finished_twin(tmp_path, "first_n", same, settings)["run"] == "slam"
+    assert mod.finished_twin(tmp_path, "first_n", same, settings)["run"] == "slam"  # slam is named first
     # other layers, other targets, other settings, or itself: no twin
     assert mod.finished_twin(tmp_path, "first_n", {**same, "layers": [1]}, settings) is None
     assert mod.finished_twin(tmp_path, "first_n", {**same, "targets": ["gate", "up", "down"]}, settings) is None
@@ -206,4 +207,5 @@ def test_a_run_that_trains_what_a_finished_run_trained_reuses_its_record(tmp_pat
     # a reused record is never the source of another reuse (the chain would hide the real run)
     (runs / "first_n.json").write_text(json.dumps({**slam, "run": "first_n", "same_as": "slam"}))
     (runs / "slam.json").unlink()
+    (runs / "random_s0.json").unlink()
     assert mod.finished_twin(tmp_path, "random_s1", same, settings) is None
