@@ -203,7 +203,7 @@ def test_a_run_that_trains_what_a_finished_run_trained_reuses_its_record(tmp_pat
     assert mod.finished_twin(tmp_path, "first_n", {**same, "layers": [1]}, settings) is None
     assert mod.finished_twin(tmp_path, "first_n", {**same, "targets": ["gate", "up", "down"]}, settings) is None
     assert mod.finished_twin(tmp_path, "first_n", same, {**settings, "lr": 3e-4}) is None
-    assert mod.finished_twin(tmp_path, "slam", same, settings) is None
+    assert mod.finished_twin(tmp_path, "slam", same, settings)["run"] == "random_s0"  # never itself
     # a reused record is never the source of another reuse (the chain would hide the real run)
     (runs / "first_n.json").write_text(json.dumps({**slam, "run": "first_n", "same_as": "slam"}))
     (runs / "slam.json").unlink()
