@@ -515,6 +515,12 @@ def load_runs(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
                                        r["run"]))
 
 
+def _mean_other_nll(gap: dict[str, Any]) -> float:
+    """Mean NLL over the non-reference languages: avg gap = this - NLL of the reference, exactly."""
+    others = [x for x in gap["langs"] if x != gap["reference"]]
+    return sum(gap["nll"][x] for x in others) / len(others) if others else float("nan")
+
+
 def _iv(x: Any) -> str:
     return f"[{x[0]:+.3f}, {x[1]:+.3f}]" if x else "-"
 
@@ -570,8 +576,8 @@ def write_table(out: str | os.PathLike[str], md_path: str | os.PathLike[str], no
                   f"({s['bootstrap']} bootstrap resamples); overlap statistics on {s['stats_questions']} "
                   "questions per language.", ""]
     lines += ["| run | layers | targets | trainable | s/step | peak RSS MB | held-out transl. loss | "
-              "English loss | NLL en | avg gap [95% CI] | Δ avg gap vs base [95% paired CI] |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "English loss | NLL en | NLL non-en (mean) | avg gap [95% CI] | Δ avg gap vs base [95% paired CI] |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         g = r["gap"]
         d, lo, hi = paired_gap_delta(r, base) if base and r is not base else (float("nan"),) * 3
@@ -581,6 +587,7 @@ def write_table(out: str | os.PathLike[str], md_path: str | os.PathLike[str], no
             f"| {r['run']} | {layers if r['kind'] != 'none' else '-'} | {'+'.join(r['targets']) or '-'} | "
             f"{r['trainable_params']:,} ({r['trainable_pct']:.2f}%) | {step} | {r['peak_rss_mb']:.0f} | "
             f"{r['heldout_translation_loss']:.4f} | {r['english_loss']:.4f} | {g['nll'][g['reference']]:.4f} | "
+            f"{_mean_other_nll(g):.4f} | "
             f"{g['avg_gap']:+.4f} {_iv(g.get('avg_gap_interval'))} | {'-' if r['run'] == 'base' else f'{d:+.4f} [{lo:+.4f}, {hi:+.4f}]'} |")
     langs = [x for x in runs[0]["gap"]["langs"] if x != runs[0]["gap"]["reference"]]
     lines += ["", "Reasoning gap per language (NLL_g - NLL_en, nats per solution token; 95% bootstrap interval "

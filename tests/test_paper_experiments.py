@@ -209,3 +209,9 @@ def test_a_run_that_trains_what_a_finished_run_trained_reuses_its_record(tmp_pat
     (runs / "slam.json").unlink()
     (runs / "random_s0.json").unlink()
     assert mod.finished_twin(tmp_path, "random_s1", same, settings) is None
+
+
+def test_mean_non_english_nll_by_hand():
+    pe = _load_script()
+    gap = {"reference": "en", "langs": ["en", "de", "zh"], "nll": {"en": 1.5, "de": 1.75, "zh": 2.25}}
+    assert pe._mean_other_nll(gap) == pytest.approx(2.0)  # (1.75 + 2.25) / 2; avg gap = 2.0 - 1.5
