@@ -331,7 +331,13 @@ def resume_training(path: Path, named: Sequence[tuple[str, torch.Tensor]], opt: 
     """
     if not path.is_file():
         return 0
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # weights_only: a checkpoint can hold tensors and plain values, never code
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated by a kill mid-write of an older copy, or not ours
+        raise SystemExit(f"{path} is not a readable checkpoint ({type(exc).__name__}); delete it to start "
+                         "this run again") from exc
+    if not isinstance(state, dict) or not {"step", "settings", "logs", "params", "optimizer"} <= set(state):
+        raise SystemExit(f"{path} is not a checkpoint of this script; delete it to start this run again")
     if state.get("settings") != json.dumps(settings, sort_keys=True):
         raise SystemExit(f"{path} was written with other settings; delete it to start this run again")
     saved = state["params"]

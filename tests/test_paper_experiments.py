@@ -215,3 +215,23 @@ def test_mean_non_english_nll_by_hand():
     pe = _load_script()
     gap = {"reference": "en", "langs": ["en", "de", "zh"], "nll": {"en": 1.5, "de": 1.75, "zh": 2.25}}
     assert pe._mean_other_nll(gap) == pytest.approx(2.0)  # (1.75 + 2.25) / 2; avg gap = 2.0 - 1.5
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", None], ids=["empty", "truncated", "foreign"])
+def test_a_broken_checkpoint_is_refused_by_name(setup, tmp_path, content):
+    root, args = setup
+    mod = _load_script()
+    opts = mod.build_parser().parse_args([*args, "--out", str(tmp_path), "--checkpoint-every", "1"])
+    mod.apply_quick(opts)
+    ckpt = tmp_path / "slam.pt"
+    if content is None:
+        torch.save({"weights": torch.zeros(2)}, ckpt)  # a valid torch file, but not one of ours
+    else:
+        ckpt.write_bytes(content)
+    model = tiny_model("llama", dtype=torch.float32, max_position_embeddings=512)
+    slam, _, _ = mod.prepare(model, {"kind": "selective", "layers": [1], "targets": ["up", "down"]})
+    before = {n: p.detach().clone() for n, p in slam.named_parameters()}
+    features = mod.load_data(opts, tiny_tokenizer())["train"]
+    with pytest.raises(SystemExit, match="slam.pt .*delete it"):
+        mod.train(slam, features, tiny_tokenizer().pad_token_id, opts, ckpt)
+    assert all(torch.equal(p, before[n]) for n, p in slam.named_parameters())  # nothing half-applied

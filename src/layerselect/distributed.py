@@ -146,10 +146,6 @@ def _iter_targets(slam: Any) -> Iterator[tuple[str, nn.Parameter]]:
         yield t.name, t.param
 
 
-def _is_main(is_main_process: bool | None) -> bool:
-    return is_main() if is_main_process is None else is_main_process
-
-
 def save_checkpoint(
     slam: Any,
     directory: str | os.PathLike[str],
@@ -173,7 +169,7 @@ def save_checkpoint(
 
     from .train import TRAINABLE_WEIGHTS_NAME
 
-    main = _is_main(is_main_process)
+    main = is_main() if is_main_process is None else is_main_process
     out = Path(directory)
     slam.save_pretrained(out, is_main_process=main, into_existing=True)
     exact: dict[str, torch.Tensor] = {}
