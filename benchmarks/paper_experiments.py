@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--lr-grid", default=None,
                    help="comma-separated lrs: train slam with each and keep the best held-out translation loss")
+    p.add_argument("--lr-grid-only", action="store_true",
+                   help="with --lr-grid: write lr_search.json and stop (choose the lr for a longer run elsewhere)")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runs", default=",".join(ALL_RUNS), help=f"comma-separated among {','.join(ALL_RUNS)}")
@@ -653,6 +655,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.lr_grid:
         args.lr = choose_lr(args)
         print(f"[experiments] chosen lr {args.lr:g} (held-out translation loss)", file=sys.stderr)
+        if args.lr_grid_only:
+            return 0
     run_all(args)
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -187,6 +188,13 @@ def test_lr_grid_picks_the_lowest_heldout_loss_and_resumes(setup, tmp_path, caps
     assert mod.main(argv) == 0
     err = capsys.readouterr().err
     assert "lr 0.0001: done, skipped" in err and "lr 0.03: done, skipped" in err
+    # --lr-grid-only chooses the lr (from the finished trials) and trains nothing else
+    only = tmp_path / "lr_only"
+    only.mkdir()
+    shutil.copytree(out / "lr_search", only / "lr_search")
+    assert mod.main([*args, "--out", str(only), "--runs", "slam", "--lr-grid", "1e-4,3e-2", "--lr-grid-only"]) == 0
+    assert json.loads((only / "lr_search.json").read_text())["chosen"] == chosen
+    assert not (only / "runs").exists()
 
 
 def test_a_run_that_trains_what_a_finished_run_trained_reuses_its_record(tmp_path):
