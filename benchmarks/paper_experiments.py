@@ -304,7 +304,9 @@ def train(model: Any, features: Sequence[dict[str, list[int]]], pad_id: int, arg
         losses.append(total)
         walls.append(time.perf_counter() - t0)
         cpus.append(time.process_time() - c0)
-        if checkpoint and every and (step + 1) % every == 0 and step + 1 < args.steps:
+        # The last step is saved too: measuring a run takes about half an hour on a CPU, and a kill
+        # there must not cost the training again.
+        if checkpoint and every and ((step + 1) % every == 0 or step + 1 == args.steps):
             save_training(checkpoint, step + 1, named, opt, logs, settings_of(args))
     model.eval()
     timed = walls[1:] or walls

@@ -162,6 +162,15 @@ def test_interrupted_run_resumes_to_the_same_weights(setup, tmp_path, monkeypatc
     assert log_resumed["resumed_at_step"] == 2 and log_unbroken["resumed_at_step"] == 0
     assert log_resumed["train_loss"] == log_unbroken["train_loss"]
     assert all(torch.equal(resumed[n], unbroken[n]) for n in unbroken)
+    # the finished training is checkpointed too: a run killed while being measured trains nothing again
+    assert torch.load(ckpt, weights_only=True)["step"] == 5
+    monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
+    calls["n"] = 0
+    again, log_again = run(ckpt)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    assert calls["n"] == 0 and log_again["resumed_at_step"] == 5
+    assert log_again["train_loss"] == log_unbroken["train_loss"]
+    assert all(torch.equal(again[n], unbroken[n]) for n in unbroken)
     # a checkpoint from other settings is refused, not mixed in
     opts.lr = 0.5
     with pytest.raises(SystemExit, match="other settings"):
