@@ -22,7 +22,9 @@ layer), ``lora`` (peft LoRA r=8, alpha 16, all linear layers) and ``full``.
 
 One JSON per run in ``--out/runs``; finished runs are skipped on restart. A run
 interrupted mid-way starts again, unless ``--checkpoint-every N`` saved its
-trained tensors and optimizer state every N steps: then it resumes there. ``--table`` writes the markdown report from the JSONs.
+trained tensors and optimizer state every N steps and after the last one: then it
+resumes there (a run killed while being measured is measured again, not trained
+again). ``--table`` writes the markdown report from the JSONs.
 
     PYTHONPATH=src python3 benchmarks/paper_experiments.py --model gemma-3-270m --steps 300 \\
         --batch-size 4 --grad-accum 4 --out docs/results/gemma-3-270m
@@ -98,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--notes", default=None, help="--table: a markdown file appended as 'What it shows'")
     p.add_argument("--overwrite", action="store_true", help="discard finished runs made with other settings")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
-                   help="save the run's trained tensors and optimizer every N steps (to --out/checkpoints) and "
+                   help="save the run's trained tensors and optimizer every N steps and after the last (to "
+                        "--out/checkpoints) and "
                         "resume an interrupted run from there; 0 (default) restarts interrupted runs")
     return p
 
