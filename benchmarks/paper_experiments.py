@@ -24,7 +24,8 @@ One JSON per run in ``--out/runs``; finished runs are skipped on restart. A run
 interrupted mid-way starts again, unless ``--checkpoint-every N`` saved its
 trained tensors and optimizer state every N steps and after the last one: then it
 resumes there (a run killed while being measured is measured again, not trained
-again). ``--table`` writes the markdown report from the JSONs.
+again). ``--save-adapters`` keeps each selective and LoRA run's trained adapter in
+``--out/adapters/NAME``. ``--table`` writes the markdown report from the JSONs.
 
     PYTHONPATH=src python3 benchmarks/paper_experiments.py --model gemma-3-270m --steps 300 \\
         --batch-size 4 --grad-accum 4 --out docs/results/gemma-3-270m
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", default=None, metavar="MD", help="write the markdown report from --out's JSONs")
     p.add_argument("--notes", default=None, help="--table: a markdown file appended as 'What it shows'")
     p.add_argument("--overwrite", action="store_true", help="discard finished runs made with other settings")
+    p.add_argument("--save-adapters", action="store_true",
+                   help="write each selective and LoRA run's trained adapter to --out/adapters/NAME "
+                        "(layerselect's or PEFT's format; `layerselect eval/plot --adapter` loads the former)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="save the run's trained tensors and optimizer every N steps and after the last (to "
                         "--out/checkpoints) and "
@@ -242,14 +246,18 @@ def run_spec(name: str, model: Any, msd_layers: list[int]) -> dict[str, Any]:
     return {"kind": "selective", "layers": list(layers), "targets": targets}
 
 
-def prepare(model: Any, spec: dict[str, Any]) -> tuple[Any, int, int]:
-    """Make the right parameters trainable; returns ``(model to train, trainable, base total)``."""
+def prepare(model: Any, spec: dict[str, Any], savable: bool = False) -> tuple[Any, int, int]:
+    """Make the right parameters trainable; returns ``(model to train, trainable, base total)``.
+
+    ``savable``: a selective run keeps a CPU copy of its targeted base matrices, which
+    its adapter file (exact deltas against them) needs; without it nothing is copied.
+    """
     from layerselect.selective_ffn import SelectiveFFNConfig, get_slam_model
 
     total = sum(p.numel() for p in model.parameters())
     if spec["kind"] == "selective":
         slam = get_slam_model(model, SelectiveFFNConfig(layers=spec["layers"], target_modules=spec["targets"]),
-                              reference=None)
+                              reference="cpu" if savable else None)
         return slam, slam.get_nb_trainable_parameters()[0], total
     if spec["kind"] == "lora":
         from peft import LoraConfig, get_peft_model
@@ -410,10 +418,13 @@ def do_run(name: str, args: argparse.Namespace) -> dict[str, Any]:
         return {**twin, "run": name, "same_as": twin["run"]}
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    trainable_model, trainable, total = prepare(model, spec)
+    save_adapter = args.save_adapters and spec["kind"] in ("selective", "lora")
+    trainable_model, trainable, total = prepare(model, spec, savable=save_adapter)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ckpt = out / "checkpoints" / f"{name}.pt"
     timing = train(trainable_model, data["train"], pad, args, ckpt) if spec["kind"] != "none" else {}
+    if save_adapter:  # before measuring: the adapter is the run's product, the measures are about it
+        trainable_model.save_pretrained(out / "adapters" / name)
     measures, stats = measure(trainable_model, tokenizer, data, args)
     if name == "base":
         stats.save(out / "base_stats")
@@ -426,6 +437,8 @@ def do_run(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "train_pairs_available": data["train_pairs"], "heldout_pairs": data["heldout_pairs"],
         "settings": settings_of(args), "torch_threads": torch.get_num_threads(),
     }
+    if save_adapter:
+        record["adapter"] = f"adapters/{name}"  # relative to --out
     return record
 
 

@@ -60,7 +60,7 @@ def setup(tmp_path_factory):
 def test_quick_runs_measure_resume_and_table(setup, capsys):
     root, args = setup
     mod = _load_script()
-    assert mod.main([*args, "--runs", "slam,attn,first_n,random,lora,full"]) == 0
+    assert mod.main([*args, "--runs", "slam,attn,first_n,random,lora,full", "--save-adapters"]) == 0
     runs = {p.stem: json.loads(p.read_text()) for p in (root / "out" / "runs").glob("*.json")}
     assert set(runs) == {"base", "slam", "attn", "first_n", "random_s0", "random_s1", "random_s2", "lora", "full"}
     msd = json.loads((root / "out" / "selection.json").read_text())["layers"]
@@ -88,6 +88,25 @@ def test_quick_runs_measure_resume_and_table(setup, capsys):
     assert runs["base"]["gap"]["nll"]["de"] == pytest.approx(want["nll"]["de"], rel=1e-6)
     # training changed the model: full fine-tuning moves the held-out loss
     assert runs["full"]["heldout_translation_loss"] != runs["base"]["heldout_translation_loss"]
+    # --save-adapters: the saved slam and LoRA adapters, loaded onto a fresh base, are the measured models
+    from peft import PeftModel
+
+    from layerselect.selective_ffn import SelectiveFFNModel
+
+    adapters = root / "out" / "adapters"
+    trained = {n for n, r in runs.items() if r["kind"] in ("selective", "lora") and "same_as" not in r}
+    assert {p.name for p in adapters.iterdir()} == trained  # full has none; a reused record has its twin's
+    assert all(runs[n]["adapter"] == f"adapters/{n}" for n in trained)
+    assert {"slam", "attn", "lora"} <= trained
+    fresh = tiny_model("llama", dtype=torch.float32, max_position_embeddings=512)
+    slam = SelectiveFFNModel.from_pretrained(fresh, adapters / "slam")
+    got = reasoning_gap(slam, tiny_tokenizer(), MGSM, SOLUTIONS, bootstrap=20)
+    assert got["nll"]["de"] == pytest.approx(runs["slam"]["gap"]["nll"]["de"], rel=1e-6)
+    assert got["nll"]["de"] != pytest.approx(want["nll"]["de"], rel=1e-6)
+    fresh = tiny_model("llama", dtype=torch.float32, max_position_embeddings=512)
+    lora = PeftModel.from_pretrained(fresh, adapters / "lora")
+    got = reasoning_gap(lora, tiny_tokenizer(), MGSM, SOLUTIONS, bootstrap=20)
+    assert got["nll"]["zh"] == pytest.approx(runs["lora"]["gap"]["nll"]["zh"], rel=1e-6)
 
     # resume: finished runs are skipped, the files untouched
     mtimes = {p.name: p.stat().st_mtime_ns for p in (root / "out" / "runs").glob("*.json")}
