@@ -355,6 +355,11 @@ def resume_training(path: Path, named: Sequence[tuple[str, torch.Tensor]], opt: 
         raise SystemExit(f"{path} is not a checkpoint of this script; delete it to start this run again")
     if state.get("settings") != json.dumps(settings, sort_keys=True):
         raise SystemExit(f"{path} was written with other settings; delete it to start this run again")
+    step, logs_saved = state["step"], state["logs"]
+    if (not isinstance(step, int) or not 0 < step <= settings["steps"] or not isinstance(logs_saved, dict)
+            or any(len(logs_saved.get(k, ())) != step for k in logs)):
+        raise SystemExit(f"{path} claims step {step!r} of {settings['steps']} with logs that do not match; "
+                         "delete it to start this run again")
     saved = state["params"]
     if sorted(saved) != sorted(n for n, _ in named):
         raise SystemExit(f"{path} holds other trainable tensors than this run trains; delete it to start again")
@@ -365,9 +370,9 @@ def resume_training(path: Path, named: Sequence[tuple[str, torch.Tensor]], opt: 
             p.copy_(saved[n].to(p.device, p.dtype))
     opt.load_state_dict(state["optimizer"])
     for k in logs:
-        logs[k].extend(float(x) for x in state["logs"][k])
-    print(f"[experiments] resumed at step {state['step']} from {path}", file=sys.stderr)
-    return int(state["step"])
+        logs[k].extend(float(x) for x in logs_saved[k])
+    print(f"[experiments] resumed at step {step} from {path}", file=sys.stderr)
+    return step
 
 
 def base_selection(stats: Any) -> dict[str, Any]:

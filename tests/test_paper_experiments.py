@@ -190,6 +190,12 @@ def test_interrupted_run_resumes_to_the_same_weights(setup, tmp_path, monkeypatc
     assert calls["n"] == 0 and log_again["resumed_at_step"] == 5
     assert log_again["train_loss"] == log_unbroken["train_loss"]
     assert all(torch.equal(again[n], unbroken[n]) for n in unbroken)
+    # a checkpoint that claims a step its logs do not back (or beyond the run) is refused, nothing applied
+    state = torch.load(ckpt, weights_only=True)
+    for bad in (99, 3, 0):
+        torch.save({**state, "step": bad}, tmp_path / "bad.pt")
+        with pytest.raises(SystemExit, match="claims step"):
+            run(tmp_path / "bad.pt")
     # a checkpoint from other settings is refused, not mixed in
     opts.lr = 0.5
     with pytest.raises(SystemExit, match="other settings"):
