@@ -65,9 +65,21 @@ def test_tsne_needs_sklearn(monkeypatch):
         project_2d(np.eye(5), method="tsne")
 
 
-def test_tsne_when_installed():
+def test_tsne_keeps_separated_languages_apart():
     pytest.importorskip("sklearn")
-    assert project_2d(np.random.default_rng(0).normal(size=(20, 6)), method="tsne").shape == (20, 2)
+    rng = np.random.default_rng(0)
+    # three "languages", far apart in 6-D: t-SNE must keep each point's nearest neighbour in its own group
+    centres = np.array([[0.0] * 6, [10.0] + [0.0] * 5, [0.0, 10.0] + [0.0] * 4])
+    labels = np.repeat(np.arange(3), 10)
+    x = centres[labels] + rng.normal(scale=0.5, size=(30, 6))
+    xy = project_2d(x, method="tsne")
+    assert isinstance(xy, np.ndarray) and xy.shape == (30, 2)
+    dist = np.linalg.norm(xy[:, None] - xy[None], axis=-1) + np.diag([np.inf] * 30)
+    assert (labels[dist.argmin(axis=1)] == labels).all()
+    assert np.array_equal(project_2d(x, method="tsne"), xy)  # the seed fixes the layout
+    as_tensor = project_2d(torch.as_tensor(x), method="tsne")
+    assert isinstance(as_tensor, torch.Tensor) and as_tensor.dtype == torch.float64
+    assert project_2d(x[:3], method="tsne").shape == (3, 2)  # the smallest input still has a valid perplexity
 
 
 def test_plot_base_vs_trained_with_11_distinct_colours(tmp_path):
