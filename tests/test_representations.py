@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from layerselect.cli import main
 from layerselect.errors import InvalidInputError
 from layerselect.plots import LANG_COLORS, plot_representations
-from layerselect.representations import last_token_states, project_2d
+from layerselect.representations import last_token_states, parallel_alignment, project_2d
 from layerselect.selective_ffn import SelectiveFFNConfig, get_slam_model
 from tiny import tiny_model, tiny_texts, tiny_tokenizer
 
@@ -56,6 +57,35 @@ def test_pca_by_hand():
     assert np.array_equal(project_2d(x), xy)  # deterministic signs
     with pytest.raises(InvalidInputError, match="unknown projection"):
         project_2d(x, method="umap")
+
+
+def test_parallel_alignment_against_a_slow_loop():
+    rng = np.random.default_rng(1)
+    langs = [lang for lang in ("en", "de", "sw") for _ in range(6)]
+    x = rng.normal(size=(18, 5)) + np.array([40.0, 0, 0, 0, 0])  # one huge shared dimension, as in LLM states
+    x[6:12] = x[:6] + rng.normal(scale=0.1, size=(6, 5))  # "de" = English plus noise: perfectly retrievable
+    got = parallel_alignment(torch.as_tensor(x), langs)
+    centred = x - x.mean(axis=0)
+    for lang, rows in (("de", range(6, 12)), ("sw", range(12, 18))):
+        cosines, hits = [], 0
+        for k, i in enumerate(rows):
+            sims = [centred[i] @ centred[j] / np.linalg.norm(centred[i]) / np.linalg.norm(centred[j]) for j in range(6)]
+            cosines.append(sims[k])
+            hits += int(np.argmax(sims) == k)
+        assert got[lang]["cosine"] == pytest.approx(np.mean(cosines), rel=1e-12)
+        assert got[lang]["retrieval"] == hits / 6
+    assert got["de"]["retrieval"] == 1.0 and got["de"]["cosine"] > 0.95
+    assert got["avg"]["cosine"] == pytest.approx((got["de"]["cosine"] + got["sw"]["cosine"]) / 2, rel=1e-12)
+    # a permuted English side: every translation is lost
+    perm = x.copy()
+    perm[:6] = x[[1, 2, 3, 4, 5, 0]]
+    assert parallel_alignment(perm, langs)["de"]["retrieval"] == 0.0
+    with pytest.raises(InvalidInputError, match="same number of rows"):
+        parallel_alignment(x[:17], langs[:17])
+    with pytest.raises(InvalidInputError, match="reference language 'fr'"):
+        parallel_alignment(x, langs, reference="fr")
+    with pytest.raises(InvalidInputError, match="do not match"):
+        parallel_alignment(x, langs[:-1])
 
 
 def test_tsne_needs_sklearn(monkeypatch):
@@ -116,5 +146,20 @@ def test_plot_representations_cli(tmp_path, capsys):
                "--data", f"mgsm:{data}", "--layers", "1,3", "--format", "png", "--out", str(tmp_path / "figs")])
     assert rc == 0
     assert (tmp_path / "figs" / "representations_pca.png").stat().st_size > 5000
+    # the printed alignment numbers are parallel_alignment of states computed here independently
+    report = json.loads((tmp_path / "figs" / "representations_alignment.json").read_text())
+    assert report["texts_per_language"] == 3 and sorted(report["languages"]) == sorted(LANGS11)
+    texts = texts11(3)  # the centring uses every row, so the order of languages does not matter
+    from transformers import AutoModelForCausalLM
+
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "m")  # `model` itself was scaled in place above
+    for name, m in (("base", fresh), ("base+adapter", slam)):
+        states, langs = last_token_states(m, tiny_tokenizer(), texts, [1, 3])
+        for layer in (1, 3):
+            want = parallel_alignment(states[layer], langs)
+            assert report["alignment"][name][str(layer)]["avg"]["cosine"] == pytest.approx(want["avg"]["cosine"], abs=1e-6)
+            assert report["alignment"][name][str(layer)]["de"] == pytest.approx(want["de"], abs=1e-6)  # float32, other batches
+    assert report["alignment"]["base"]["3"] != report["alignment"]["base+adapter"]["3"]
+    assert "alignment with English" in capsys.readouterr().out
     assert main(["plot", "--out", str(tmp_path / "x")]) == 2
     assert "pass STATS_DIR" in capsys.readouterr().err

@@ -44,6 +44,7 @@ __all__ = [
     "plot_overlap_comparison",
     "plot_all",
     "plot_representations",
+    "plot_state_projections",
     "save_figure",
     "LANG_COLORS",
 ]
@@ -297,38 +298,73 @@ def plot_representations(
     projection of a layer is fitted on both models' states together, so the two
     panels share their axes. ``method``: ``"pca"`` (default) or ``"tsne"``
     (scikit-learn). Up to 20 languages get distinct colours (:data:`LANG_COLORS`).
+    To draw states you already have (and measure them with
+    :func:`~layerselect.representations.parallel_alignment`), use
+    :func:`plot_state_projections`.
 
     Example:
         >>> fig = plot_representations(base, tok, texts, [0, 9], trained=slam,
         ...                            path="figs/representations.png")   # doctest: +SKIP
     """
+    from .representations import last_token_states
+
+    if len(texts) > len(LANG_COLORS):
+        raise InvalidInputError(f"{len(texts)} languages; at most {len(LANG_COLORS)} get distinct colours")
+    models = [model] if trained is None else [model, trained]
+    computed = [last_token_states(m, tokenizer, texts, layers, batch_size=batch_size) for m in models]
+    return plot_state_projections(
+        [states for states, _ in computed], computed[0][1], layers,
+        labels=labels if trained is not None else ("model",), method=method, seed=seed, path=path, formats=formats,
+    )
+
+
+def plot_state_projections(
+    states: Sequence[dict[int, Any]],
+    langs: Sequence[str],
+    layers: Sequence[int],
+    *,
+    labels: Sequence[str] = ("base", "trained"),
+    method: str = "pca",
+    seed: int = 0,
+    path: PathLike | None = None,
+    formats: Sequence[str] = FORMATS,
+) -> Figure:
+    """Draw precomputed states (one ``{layer: [n_texts, hidden]}`` dict per model) side by side.
+
+    ``langs[i]`` is the language of row ``i`` in every model's states; ``labels``
+    names the columns. Each layer's projection is fitted on all models' states
+    together, so a row of panels shares its axes.
+
+    Example:
+        >>> states, langs = last_token_states(base, tok, texts, [0, 9])            # doctest: +SKIP
+        >>> fig = plot_state_projections([states], langs, [0, 9], labels=["base"])  # doctest: +SKIP
+    """
     import numpy as np  # comes with matplotlib: this function needs the plots extra anyway
     import torch
 
-    from .representations import last_token_states, project_2d
+    from .representations import project_2d
 
-    langs = list(texts)
-    if len(langs) > len(LANG_COLORS):
-        raise InvalidInputError(f"{len(langs)} languages; at most {len(LANG_COLORS)} get distinct colours")
-    models = [model] if trained is None else [model, trained]
-    states = [last_token_states(m, tokenizer, texts, layers, batch_size=batch_size) for m in models]
-    row_langs = np.array(states[0][1])
-    fig, _ = _figure(4.2 * len(models) + 1.4, 3.6 * len(layers))
+    row_langs = np.array(list(langs))
+    order = list(dict.fromkeys(langs))
+    if len(order) > len(LANG_COLORS):
+        raise InvalidInputError(f"{len(order)} languages; at most {len(LANG_COLORS)} get distinct colours")
+    if len(labels) < len(states):
+        raise InvalidInputError(f"{len(states)} models to draw but only {len(labels)} labels")
+    fig, _ = _figure(4.2 * len(states) + 1.4, 3.6 * len(layers))
     fig.clear()
-    axes = fig.subplots(len(layers), len(models), squeeze=False)
+    axes = fig.subplots(len(layers), len(states), squeeze=False)
     for r, layer in enumerate(layers):
-        joint = torch.cat([st[0][layer] for st in states])
+        joint = torch.cat([torch.as_tensor(st[layer], dtype=torch.float64) for st in states])
         xy = project_2d(joint, method=method, seed=seed).numpy()
         n = len(row_langs)
-        for c in range(len(models)):
+        for c in range(len(states)):
             ax = axes[r][c]
             part = xy[c * n : (c + 1) * n]
-            for k, lang in enumerate(langs):
+            for k, lang in enumerate(order):
                 sel = row_langs == lang
                 ax.scatter(part[sel, 0], part[sel, 1], s=14, color=LANG_COLORS[k], label=lang, alpha=0.85,
                            edgecolors="none")
-            name = labels[c] if len(models) > 1 else "model"
-            ax.set_title(f"{name}: layer {layer} ({method.upper() if method == 'pca' else 't-SNE'})", fontsize=9)
+            ax.set_title(f"{labels[c]}: layer {layer} ({method.upper() if method == 'pca' else 't-SNE'})", fontsize=9)
             ax.tick_params(labelsize=7)
     handles, names = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, names, loc="outside right upper", fontsize=8, title="language")

@@ -7,6 +7,9 @@
   the model's final norm applied);
 - :func:`project_2d`: PCA (default, torch SVD in float64, deterministic signs) or
   t-SNE (needs scikit-learn, an optional extra);
+- :func:`parallel_alignment`: the plot as numbers: how close each language's
+  state is to its English translation's (centred cosine), and how often the
+  nearest English state is the translation (top-1 retrieval);
 - :func:`~layerselect.plots.plot_representations` draws base vs trained side by side.
 
 Example:
@@ -26,7 +29,7 @@ import torch
 
 from .errors import InvalidInputError
 
-__all__ = ["last_token_states", "project_2d", "METHODS"]
+__all__ = ["last_token_states", "project_2d", "parallel_alignment", "METHODS"]
 
 #: Projection methods; ``"tsne"`` needs scikit-learn.
 METHODS = ("pca", "tsne")
@@ -122,6 +125,57 @@ def project_2d(x: Any, method: str = "pca", seed: int = 0) -> Any:
         xy = TSNE(n_components=2, perplexity=perplexity, random_state=seed, init="pca").fit_transform(t.numpy())
         return xy if as_numpy else torch.as_tensor(xy, dtype=torch.float64)
     raise InvalidInputError(f"unknown projection method {method!r}; use one of {list(METHODS)}")
+
+
+def parallel_alignment(
+    states: torch.Tensor, langs: Sequence[str], reference: str = "en"
+) -> dict[str, dict[str, float]]:
+    """How close each language's states are to those of their ``reference`` translations.
+
+    ``states``: ``[n_texts, hidden]`` rows of *line-aligned* parallel texts, as one
+    layer of :func:`last_token_states` returns them; ``langs[i]``: the language of
+    row ``i`` (every language the same number of rows, the ``k``-th row of each
+    language being translations of one another). The rows are centred by their
+    mean over all languages first: raw LLM states share a few huge dimensions
+    that make every cosine close to 1. Returns, per non-reference language:
+
+    - ``cosine``: mean cosine between a row and its translation's row;
+    - ``retrieval``: fraction of rows whose most similar reference row (cosine)
+      is their translation (chance: 1 / rows per language).
+
+    plus ``"avg"``, the mean of both over the non-reference languages. float64.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([[1., 0], [0, 1], [1, 0.1], [0.1, 1]])
+        >>> a = parallel_alignment(x, ["en", "en", "de", "de"])
+        >>> a["de"]["retrieval"], round(a["de"]["cosine"], 4)
+        (1.0, 0.9944)
+    """
+    x = torch.as_tensor(states, dtype=torch.float64)
+    langs = list(langs)
+    if x.dim() != 2 or x.shape[0] != len(langs):
+        raise InvalidInputError(f"states of shape {tuple(x.shape)} do not match {len(langs)} language labels")
+    order = list(dict.fromkeys(langs))
+    rows = {lang: [i for i, g in enumerate(langs) if g == lang] for lang in order}
+    if reference not in rows:
+        raise InvalidInputError(f"the reference language {reference!r} is not among {order}")
+    counts = {lang: len(r) for lang, r in rows.items()}
+    if len(set(counts.values())) != 1:
+        raise InvalidInputError(f"parallel texts need the same number of rows per language, got {counts}")
+    if len(order) < 2:
+        raise InvalidInputError("need at least one language besides the reference")
+    unit = torch.nn.functional.normalize(x - x.mean(dim=0), dim=1)
+    ref = unit[rows[reference]]
+    out: dict[str, dict[str, float]] = {}
+    for lang in order:
+        if lang == reference:
+            continue
+        sim = unit[rows[lang]] @ ref.T  # [k, k]: row k against every reference row
+        hits = sim.argmax(dim=1) == torch.arange(sim.shape[0])
+        out[lang] = {"cosine": float(sim.diagonal().mean()), "retrieval": float(hits.double().mean())}
+    out["avg"] = {key: sum(v[key] for v in out.values()) / len(out) for key in ("cosine", "retrieval")}
+    return out
 
 
 def _pca_2d(x: torch.Tensor) -> torch.Tensor:

@@ -51,9 +51,11 @@ def run_representations(args: argparse.Namespace) -> int:
     import copy
     from pathlib import Path
 
+    from .._io import write_json
     from ..arch import get_layout
     from ..errors import InvalidInputError
-    from ..plots import plot_representations, save_figure
+    from ..plots import LANG_COLORS, plot_state_projections, save_figure
+    from ..representations import last_token_states, parallel_alignment
     from ..texts import default_data_dir, load_texts
     from ._common import load_model_from_args, parse_langs
 
@@ -64,20 +66,38 @@ def run_representations(args: argparse.Namespace) -> int:
             raise InvalidInputError("pass --data, e.g. mgsm:../shared/data/mgsm")
         data = f"mgsm:{base_dir / 'mgsm'}"
     texts = load_texts(data, parse_langs(args.langs), args.limit)
+    if len(texts) > len(LANG_COLORS):
+        raise InvalidInputError(f"{len(texts)} languages; at most {len(LANG_COLORS)} get distinct colours: pass --langs")
     model, tokenizer = load_model_from_args(args)
     n = get_layout(model).num_layers
     layers = [int(x) for x in args.layers.split(",")] if args.layers else sorted({0, n // 2, n - 1})
-    trained = None
+    models = {"base": model}
     if args.adapter:
         from ..selective_ffn import SelectiveFFNModel
 
-        trained = SelectiveFFNModel.from_pretrained(copy.deepcopy(model), args.adapter)
-    formats = [f.strip().lower() for f in args.formats.split(",") if f.strip()]
-    out = Path(args.out) / f"representations_{args.method}"
-    fig = plot_representations(model, tokenizer, texts, layers, trained=trained, method=args.method,
-                               batch_size=args.batch_size, labels=("base", "base+adapter"))
-    for path in save_figure(fig, out, formats):
+        models["base+adapter"] = SelectiveFFNModel.from_pretrained(copy.deepcopy(model), args.adapter)
+    states: dict[str, dict] = {}
+    langs: list[str] = []
+    for name, m in models.items():
+        states[name], langs = last_token_states(m, tokenizer, texts, layers, batch_size=args.batch_size)
+    out = Path(args.out)
+    for path in save_figure(
+        plot_state_projections(list(states.values()), langs, layers, labels=list(states), method=args.method),
+        out / f"representations_{args.method}", [f.strip().lower() for f in args.formats.split(",") if f.strip()],
+    ):
         print(f"wrote {path}")
+    if "en" in texts and len(texts) > 1 and len({len(v) for v in texts.values()}) == 1:
+        # the figure as numbers: closeness of each language's states to their English translations'
+        table = {name: {str(layer): parallel_alignment(st[layer], langs, "en") for layer in layers}
+                 for name, st in states.items()}
+        print("alignment with English (centred cosine to the translation / top-1 retrieval), mean over languages:")
+        print("layer  " + "  ".join(f"{name:>20}" for name in table))
+        for layer in layers:
+            cells = [f"{t[str(layer)]['avg']['cosine']:>9.4f} / {t[str(layer)]['avg']['retrieval']:>7.3f}" for t in table.values()]
+            print(f"{layer:>5}  " + "  ".join(f"{c:>20}" for c in cells))
+        write_json(out / "representations_alignment.json",
+                   {"texts_per_language": len(next(iter(texts.values()))), "languages": list(texts), "alignment": table})
+        print(f"wrote {out / 'representations_alignment.json'}")
     return 0
 
 
