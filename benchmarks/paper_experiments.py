@@ -556,18 +556,21 @@ def _iv(x: Any) -> str:
     return f"[{x[0]:+.3f}, {x[1]:+.3f}]" if x else "-"
 
 
-def paired_gap_delta(run: dict[str, Any], base: dict[str, Any], n_boot: int = 1000,
-                     seed: int = 0) -> tuple[float, float, float]:
-    """``(delta, low, high)``: change of the average gap from ``base`` to ``run``, 95% paired bootstrap.
+def paired_delta(run: dict[str, Any], base: dict[str, Any], stat: str = "avg_gap", n_boot: int = 1000,
+                 seed: int = 0) -> tuple[float, float, float]:
+    """``(delta, low, high)``: change of one gap statistic from ``base`` to ``run``, 95% paired bootstrap.
 
-    Both runs were measured on the same questions, so the questions are resampled
-    once per draw and both average gaps are recomputed on that draw (token-weighted
-    NLL per language, as :func:`layerselect.eval.reasoning_gap`): the interval of a
+    ``stat``: ``"avg_gap"`` (mean over the other languages of NLL - NLL_reference),
+    ``"nll_ref"`` (NLL of the reference language) or ``"nll_others"`` (mean NLL of
+    the other languages; ``avg_gap = nll_others - nll_ref``). Both runs were
+    measured on the same questions, so the questions are resampled once per draw
+    and the statistic is recomputed for both on that draw (token-weighted NLL per
+    language, as :func:`layerselect.eval.reasoning_gap`): the interval of a
     difference, not two overlapping intervals.
     """
     import numpy as np
 
-    def avg_gap(gap: dict[str, Any], idx: np.ndarray) -> np.ndarray:
+    def value(gap: dict[str, Any], idx: np.ndarray) -> np.ndarray:
         ref = gap["reference"]
         pq = gap["per_question"]
 
@@ -575,16 +578,24 @@ def paired_gap_delta(run: dict[str, Any], base: dict[str, Any], n_boot: int = 10
             sums, counts = np.asarray(pq[lang]["nll_sum"]), np.asarray(pq[lang]["tokens"])
             return sums[idx].sum(axis=-1) / counts[idx].sum(axis=-1)
 
-        others = [x for x in gap["langs"] if x != ref]
-        return np.mean([nll(x) - nll(ref) for x in others], axis=0)
+        others = np.mean([nll(x) for x in gap["langs"] if x != ref], axis=0)
+        return {"avg_gap": lambda: others - nll(ref), "nll_ref": lambda: nll(ref), "nll_others": lambda: others}[stat]()
 
+    if stat not in ("avg_gap", "nll_ref", "nll_others"):
+        raise ValueError(f"unknown statistic {stat!r}")
     n = len(base["gap"]["per_question"][base["gap"]["reference"]]["nll_sum"])
     everything = np.arange(n)[None, :]
-    delta = float(avg_gap(run["gap"], everything)[0] - avg_gap(base["gap"], everything)[0])
+    delta = float(value(run["gap"], everything)[0] - value(base["gap"], everything)[0])
     draws = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-    diffs = avg_gap(run["gap"], draws) - avg_gap(base["gap"], draws)
+    diffs = value(run["gap"], draws) - value(base["gap"], draws)
     low, high = np.quantile(diffs, [0.025, 0.975])
     return delta, float(low), float(high)
+
+
+def paired_gap_delta(run: dict[str, Any], base: dict[str, Any], n_boot: int = 1000,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """``(delta, low, high)``: change of the average gap from ``base`` to ``run`` (:func:`paired_delta`)."""
+    return paired_delta(run, base, "avg_gap", n_boot, seed)
 
 
 def write_table(out: str | os.PathLike[str], md_path: str | os.PathLike[str], notes: str | None = None) -> str:
@@ -620,6 +631,16 @@ def write_table(out: str | os.PathLike[str], md_path: str | os.PathLike[str], no
             f"{r['heldout_translation_loss']:.4f} | {r['english_loss']:.4f} | {g['nll'][g['reference']]:.4f} | "
             f"{_mean_other_nll(g):.4f} | "
             f"{g['avg_gap']:+.4f} {_iv(g.get('avg_gap_interval'))} | {'-' if r['run'] == 'base' else f'{d:+.4f} [{lo:+.4f}, {hi:+.4f}]'} |")
+    if base:
+        # the gap shrinks when the other languages improve or when English gets worse: say which
+        lines += ["", "Where the change of the gap comes from: NLL of the English reference and mean NLL of the "
+                  "other languages, change from base with 95% paired bootstrap intervals (negative = better):", "",
+                  "| run | Δ NLL en | Δ NLL non-en (mean) | Δ avg gap |", "|---|---|---|---|"]
+        for r in runs:
+            if r is base or "same_as" in r:
+                continue
+            cells = [paired_delta(r, base, stat) for stat in ("nll_ref", "nll_others", "avg_gap")]
+            lines.append(f"| {r['run']} | " + " | ".join(f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]" for d, lo, hi in cells) + " |")
     langs = [x for x in runs[0]["gap"]["langs"] if x != runs[0]["gap"]["reference"]]
     lines += ["", "Reasoning gap per language (NLL_g - NLL_en, nats per solution token; 95% bootstrap interval "
               "in the JSON):", "", "| run | " + " | ".join(langs) + " |", "|---|" + "---|" * len(langs)]

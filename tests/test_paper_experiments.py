@@ -124,6 +124,7 @@ def test_quick_runs_measure_resume_and_table(setup, capsys):
     for name in runs:
         assert f"| {name} |" in text
     assert "avg gap" in text and (root / "results_overlap.png").is_file()
+    assert "| slam | " in text.split("Where the change of the gap comes from")[1]  # the decomposition table
 
 
 def _gap(en, de, tokens=(10, 10, 10)):
@@ -142,6 +143,15 @@ def test_paired_gap_delta_by_hand():
     delta, low, high = pe.paired_gap_delta(uneven, base, n_boot=500)
     assert delta == pytest.approx(22 / 30 - 1.0)
     assert low < delta < high and low >= -0.8 - 1e-12 and high <= 0.0 + 1e-12
+    # the decomposition: English unchanged, the other language down by exactly the gap's change
+    assert pe.paired_delta(uneven, base, "nll_ref", n_boot=100) == (0.0, 0.0, 0.0)
+    d_others = pe.paired_delta(uneven, base, "nll_others", n_boot=500)
+    assert d_others == pytest.approx(pe.paired_gap_delta(uneven, base, n_boot=500))
+    worse_en = {"gap": _gap([13, 23, 33], [20, 30, 40])}  # English 0.3 worse on every question, de unchanged
+    assert pe.paired_delta(worse_en, base, "nll_ref", n_boot=100) == pytest.approx((0.3, 0.3, 0.3))
+    assert pe.paired_delta(worse_en, base, "avg_gap", n_boot=100) == pytest.approx((-0.3, -0.3, -0.3))
+    with pytest.raises(ValueError, match="unknown statistic"):
+        pe.paired_delta(run, base, "accuracy")
 
 
 def test_interrupted_run_resumes_to_the_same_weights(setup, tmp_path, monkeypatch):
