@@ -453,12 +453,13 @@ def run_all(args: argparse.Namespace) -> list[str]:
     runs_dir = out / "runs"
     settings = settings_of(args)
     sfile = out / "settings.json"
-    if sfile.is_file() and not args.overwrite:
-        old = json.loads(sfile.read_text())
+    old = json.loads(sfile.read_text()) if sfile.is_file() and not args.overwrite else None
+    if old is not None:
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
         if diff:
             raise SystemExit(f"{out} holds runs made with other settings {diff}; use another --out or --overwrite")
-    _write_json(sfile, {**settings, "command": " ".join(sys.argv)})
+    else:  # a resumed table keeps the command that started it (a resume may spell --out differently)
+        _write_json(sfile, {**settings, "command": " ".join(sys.argv)})
     done = []
     for name in expand_runs(_csv(args.runs), [int(s) for s in _csv(args.random_seeds)]):
         path = runs_dir / f"{name}.json"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,7 @@ def setup(tmp_path_factory):
     return root, args
 
 
-def test_quick_runs_measure_resume_and_table(setup, capsys):
+def test_quick_runs_measure_resume_and_table(setup, capsys, monkeypatch):
     root, args = setup
     mod = _load_script()
     assert mod.main([*args, "--runs", "slam,attn,first_n,random,lora,full", "--save-adapters"]) == 0
@@ -110,10 +111,13 @@ def test_quick_runs_measure_resume_and_table(setup, capsys):
 
     # resume: finished runs are skipped, the files untouched
     mtimes = {p.name: p.stat().st_mtime_ns for p in (root / "out" / "runs").glob("*.json")}
+    settings_file = (root / "out" / "settings.json").read_bytes()
     capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["paper_experiments.py", "--out", "/elsewhere/spelled/differently"])
     assert mod.main([*args, "--runs", "slam,full"]) == 0
     assert "slam: done, skipped" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in (root / "out" / "runs").glob("*.json")} == mtimes
+    assert (root / "out" / "settings.json").read_bytes() == settings_file  # the starting command is kept
     # other settings are refused rather than mixed into one table
     with pytest.raises(SystemExit, match="other settings"):
         mod.main([*args, "--runs", "slam", "--lr", "0.5"])
