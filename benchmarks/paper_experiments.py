@@ -584,6 +584,13 @@ def paired_delta(run: dict[str, Any], base: dict[str, Any], stat: str = "avg_gap
 
     if stat not in ("avg_gap", "nll_ref", "nll_others"):
         raise ValueError(f"unknown statistic {stat!r}")
+    def shape(gap: dict[str, Any]) -> dict[str, int]:
+        return {x: len(gap["per_question"][x]["nll_sum"]) for x in gap["langs"]}
+
+    if shape(run["gap"]) != shape(base["gap"]) or len(set(shape(base["gap"]).values())) != 1:
+        raise SystemExit(f"runs measured on other questions or languages cannot be paired: "
+                         f"{run.get('run')} {shape(run['gap'])} vs {base.get('run')} {shape(base['gap'])}; "
+                         "measure both with the same --gap-questions and --gap-langs")
     n = len(base["gap"]["per_question"][base["gap"]["reference"]]["nll_sum"])
     everything = np.arange(n)[None, :]
     delta = float(value(run["gap"], everything)[0] - value(base["gap"], everything)[0])

@@ -156,6 +156,9 @@ def test_paired_gap_delta_by_hand():
     assert pe.paired_delta(worse_en, base, "avg_gap", n_boot=100) == pytest.approx((-0.3, -0.3, -0.3))
     with pytest.raises(ValueError, match="unknown statistic"):
         pe.paired_delta(run, base, "accuracy")
+    truncated = {"run": "cut", "gap": _gap([10, 20], [20, 30], tokens=(10, 10))}  # a record missing a question
+    with pytest.raises(SystemExit, match="cannot be paired"):
+        pe.paired_delta(truncated, base)
 
 
 def test_interrupted_run_resumes_to_the_same_weights(setup, tmp_path, monkeypatch):

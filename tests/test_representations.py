@@ -11,7 +11,7 @@ import torch
 
 from layerselect.cli import main
 from layerselect.errors import InvalidInputError
-from layerselect.plots import LANG_COLORS, plot_representations
+from layerselect.plots import LANG_COLORS, plot_representations, plot_state_projections
 from layerselect.representations import last_token_states, parallel_alignment, project_2d
 from layerselect.selective_ffn import SelectiveFFNConfig, get_slam_model
 from tiny import tiny_model, tiny_texts, tiny_tokenizer
@@ -163,3 +163,11 @@ def test_plot_representations_cli(tmp_path, capsys):
     assert "alignment with English" in capsys.readouterr().out
     assert main(["plot", "--out", str(tmp_path / "x")]) == 2
     assert "pass STATS_DIR" in capsys.readouterr().err
+
+
+def test_more_languages_than_colours_is_refused_before_any_work():
+    langs = [f"l{i}" for i in range(len(LANG_COLORS) + 1) for _ in range(2)]
+    with pytest.raises(InvalidInputError, match="distinct colours"):
+        plot_state_projections([{0: torch.zeros(len(langs), 4)}], langs, [0], labels=["base"])
+    with pytest.raises(InvalidInputError, match="distinct colours"):  # refused before the model is touched
+        plot_representations(None, None, {lang: ["x"] for lang in dict.fromkeys(langs)}, [0])

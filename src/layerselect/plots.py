@@ -276,6 +276,14 @@ def plot_all(
     return written
 
 
+def check_colours(n_langs: int) -> None:
+    """Refuse more languages than :data:`LANG_COLORS` can tell apart."""
+    if n_langs > len(LANG_COLORS):
+        raise InvalidInputError(
+            f"{n_langs} languages; at most {len(LANG_COLORS)} get distinct colours: pass fewer (--langs)"
+        )
+
+
 def plot_representations(
     model: Any,
     tokenizer: Any,
@@ -308,8 +316,7 @@ def plot_representations(
     """
     from .representations import last_token_states
 
-    if len(texts) > len(LANG_COLORS):
-        raise InvalidInputError(f"{len(texts)} languages; at most {len(LANG_COLORS)} get distinct colours")
+    check_colours(len(texts))  # before any forward pass
     models = [model] if trained is None else [model, trained]
     computed = [last_token_states(m, tokenizer, texts, layers, batch_size=batch_size) for m in models]
     return plot_state_projections(
@@ -346,8 +353,7 @@ def plot_state_projections(
 
     row_langs = np.array(list(langs))
     order = list(dict.fromkeys(langs))
-    if len(order) > len(LANG_COLORS):
-        raise InvalidInputError(f"{len(order)} languages; at most {len(LANG_COLORS)} get distinct colours")
+    check_colours(len(order))
     if len(labels) < len(states):
         raise InvalidInputError(f"{len(states)} models to draw but only {len(labels)} labels")
     fig, _ = _figure(4.2 * len(states) + 1.4, 3.6 * len(layers))

@@ -54,7 +54,7 @@ def run_representations(args: argparse.Namespace) -> int:
     from .._io import write_json
     from ..arch import get_layout
     from ..errors import InvalidInputError
-    from ..plots import LANG_COLORS, plot_state_projections, save_figure
+    from ..plots import check_colours, plot_state_projections, save_figure
     from ..representations import last_token_states, parallel_alignment
     from ..texts import default_data_dir, load_texts
     from ._common import load_model_from_args, parse_langs
@@ -66,8 +66,7 @@ def run_representations(args: argparse.Namespace) -> int:
             raise InvalidInputError("pass --data, e.g. mgsm:../shared/data/mgsm")
         data = f"mgsm:{base_dir / 'mgsm'}"
     texts = load_texts(data, parse_langs(args.langs), args.limit)
-    if len(texts) > len(LANG_COLORS):
-        raise InvalidInputError(f"{len(texts)} languages; at most {len(LANG_COLORS)} get distinct colours: pass --langs")
+    check_colours(len(texts))  # before the model is loaded
     model, tokenizer = load_model_from_args(args)
     n = get_layout(model).num_layers
     layers = [int(x) for x in args.layers.split(",")] if args.layers else sorted({0, n // 2, n - 1})
