@@ -1,8 +1,10 @@
 """The paper's experiments in one resumable command: SLAM, its ablations and baselines, measured alike.
 
-Every run starts from the same fresh base, trains on the same X->English pairs
-(same order, steps, batch, learning rate; AdamW, no weight decay, constant lr,
-gradient norm clipped at 1) and is measured the same way:
+Every run starts from the same fresh base, trains through ``layerselect.train.train_model``
+(the loop ``layerselect train`` runs; selective, LoRA and full fine-tuning are just
+different models handed to it) on the same X->English pairs (same order, steps, batch,
+learning rate; AdamW, no weight decay, constant lr, gradient norm clipped at 1,
+label-only loss) and is measured the same way:
 
 - held-out translation loss (pairs held out of training; the lr is chosen on these,
   never on MGSM: ``--lr-grid``), and English-only LM loss on the English side of
@@ -21,10 +23,10 @@ attention / attention + gate+up+down; Fig. 5), ``first_n``, ``random`` (3 seeds)
 layer), ``lora`` (peft LoRA r=8, alpha 16, all linear layers) and ``full``.
 
 One JSON per run in ``--out/runs``; finished runs are skipped on restart. A run
-interrupted mid-way starts again, unless ``--checkpoint-every N`` saved its
-trained tensors and optimizer state every N steps and after the last one: then it
-resumes there (a run killed while being measured is measured again, not trained
-again). ``--save-adapters`` keeps each selective and LoRA run's trained adapter in
+interrupted mid-way starts again, unless ``--checkpoint-every N`` had the Trainer save
+its checkpoint (trained tensors, optimizer, RNG) to ``--out/checkpoints/NAME`` every N
+steps and after the last one: then it resumes there (a run killed while being measured
+is measured again, not trained again). ``--save-adapters`` keeps each selective and LoRA run's trained adapter in
 ``--out/adapters/NAME``. ``--table`` writes the markdown report from the JSONs.
 
     PYTHONPATH=src python3 benchmarks/paper_experiments.py --model gemma-3-270m --steps 300 \\
@@ -41,6 +43,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -69,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gemma-3-270m")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="bf16 autocast for training and measures where the hardware is fast at it (auto), or "
+                        "forced; statistics always count in fp32. Recorded in settings (absent = fp32)")
     p.add_argument("--train-data", default=str(data / "gsm8kinstruct_question") if data else None)
     p.add_argument("--train-langs", default=",".join(TRAIN_LANGS))
     p.add_argument("--heldout-per-lang", type=int, default=30)
@@ -119,10 +125,20 @@ def apply_quick(args: argparse.Namespace) -> None:
 
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     out = {k: getattr(args, k) for k in _SETTING_KEYS}
+    precision = resolved_precision(args)
+    if precision != "fp32":  # absent = fp32: the records made before the option stay valid
+        out["precision"] = precision
     # The data folder's name, not where this machine keeps it: results stay resumable on another checkout.
     if out.get("train_data"):
         out["train_data"] = Path(str(out["train_data"])).name
     return out
+
+
+def resolved_precision(args: argparse.Namespace) -> str:
+    """``fp32`` or ``bf16``: what ``--precision`` means on this machine."""
+    from layerselect.precision import resolve_precision
+
+    return resolve_precision(getattr(args, "precision", "fp32"), "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -179,36 +195,20 @@ def load_data(args: argparse.Namespace, tokenizer: Any) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------- measures
-def token_loss(model: Any, features: Sequence[dict[str, list[int]]], pad_id: int, batch_size: int = 8) -> float:
-    """Token-weighted mean NLL of the labelled tokens (labels != -100), float64."""
-    from layerselect.data import TranslationCollator
-    from layerselect.eval import target_nll
-
-    collate = TranslationCollator(pad_token_id=pad_id)
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for i in range(0, len(features), batch_size):
-        b = collate(features[i : i + batch_size])
-        target = b["labels"] != -100
-        total += float(target_nll(model, b["input_ids"].to(device), b["attention_mask"].to(device),
-                                  target.to(device)).sum())
-        count += int(target[:, 1:].sum())
-    return total / max(count, 1)
-
-
 def measure(model: Any, tokenizer: Any, data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     from layerselect import ActivationStats
     from layerselect.eval import reasoning_gap
+    from layerselect.train import translation_loss
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model.eval()
     t0 = time.perf_counter()
+    precision = resolved_precision(args)
     out: dict[str, Any] = {
-        "heldout_translation_loss": token_loss(model, data["heldout"], pad, args.eval_batch_size),
-        "english_loss": token_loss(model, data["english"], pad, args.eval_batch_size),
+        name: translation_loss(model, tokenizer, data[key], batch_size=args.eval_batch_size, precision=precision)
+        for name, key in (("heldout_translation_loss", "heldout"), ("english_loss", "english"))
     }
     gap = reasoning_gap(model, tokenizer, data["questions"], data["solutions"], batch_size=args.eval_batch_size,
-                        bootstrap=args.bootstrap, seed=args.seed)
+                        bootstrap=args.bootstrap, seed=args.seed, precision=precision)
     out["gap"] = gap
     stats = ActivationStats.collect(model, tokenizer, data["stats_texts"], batch_size=args.eval_batch_size,
                                     progress=False)
@@ -274,105 +274,50 @@ def prepare(model: Any, spec: dict[str, Any], savable: bool = False) -> tuple[An
     return model, 0, total
 
 
-def train(model: Any, features: Sequence[dict[str, list[int]]], pad_id: int, args: argparse.Namespace,
-          checkpoint: Path | None = None) -> dict[str, Any]:
-    """The one training loop every run uses; returns losses and timings per optimizer step.
+def train(model: Any, tokenizer: Any, features: Sequence[dict[str, list[int]]], args: argparse.Namespace,
+          run_dir: Path) -> dict[str, Any]:
+    """Train through ``layerselect.train.train_model``, the loop users run; returns losses and timings per step.
 
-    With ``checkpoint`` (a file path) and ``args.checkpoint_every > 0``, the trained
-    tensors, the optimizer state and the per-step logs are saved every that many steps
-    and a later call resumes from them, so a long run can span sessions that get killed.
-    The data order is fixed by the step index, so a resumed run sees the same batches.
+    The harness's settings are training options: a constant lr without warmup, AdamW
+    without weight decay, clipping at 1, the label-only loss, and a fixed data order
+    (``features`` are already ``steps x batch x accum`` pairs in order; ``sequential``
+    feeds them as they are). With ``--checkpoint-every N`` the Trainer saves its
+    checkpoint (trainable tensors, optimizer, RNG) to ``run_dir`` every N steps and after
+    the last, and an interrupted run resumes from the latest one; a run that had finished
+    training trains no further step.
     """
-    from layerselect.data import TranslationCollator
-    from layerselect.loss import label_only_loss
+    from transformers.trainer_utils import get_last_checkpoint
 
-    collate = TranslationCollator(pad_token_id=pad_id)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    device = next(model.parameters()).device
+    from layerselect.train import train_model
+
     every = getattr(args, "checkpoint_every", 0) or 0
-    logs: dict[str, list[float]] = {"losses": [], "walls": [], "cpus": []}
-    first = resume_training(checkpoint, named, opt, logs, settings_of(args)) if checkpoint and every else 0
-    losses, walls, cpus = logs["losses"], logs["walls"], logs["cpus"]
-    model.train()
-    micro = args.batch_size
-    for step in range(first, args.steps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        total = 0.0
-        for a in range(args.grad_accum):
-            start = (step * args.grad_accum + a) * micro
-            batch = {k: v.to(device) for k, v in collate(features[start : start + micro]).items()}
-            # The library's one loss path: the LM head only at labelled positions (a trainable head,
-            # as in `full`, falls back to the standard full-logits path by itself).
-            loss = label_only_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"]).loss
-            loss = loss / args.grad_accum
-            loss.backward()
-            total += float(loss.detach())
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(total)
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-        # The last step is saved too: measuring a run takes about half an hour on a CPU, and a kill
-        # there must not cost the training again.
-        if checkpoint and every and ((step + 1) % every == 0 or step + 1 == args.steps):
-            save_training(checkpoint, step + 1, named, opt, logs, settings_of(args))
+    settings = settings_of(args)
+    stamp = run_dir / "settings.json"
+    if every and stamp.is_file() and json.loads(stamp.read_text()) != settings:
+        raise SystemExit(f"{run_dir} holds a checkpoint made with other settings; delete it to start this run again")
+    if every:
+        _write_json(stamp, settings)
+    last = get_last_checkpoint(str(run_dir)) if every and run_dir.is_dir() else None
+    resumed_at = int(Path(last).name.split("-")[-1]) if last else 0
+    if last:
+        print(f"[experiments] resuming at step {resumed_at} from {last}", file=sys.stderr)
+    _, trainer = train_model(
+        model, tokenizer, list(features), output_dir=run_dir, save_final=False, resume_from_checkpoint=last,
+        precision=resolved_precision(args), data_order="sequential", max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        optim="adamw_torch", logging_steps=1, seed=args.seed, disable_tqdm=True,
+        save_strategy="steps" if every else "no", save_steps=every or 500, save_total_limit=1,
+        use_cpu=not torch.cuda.is_available(),
+    )
     model.eval()
-    timed = walls[1:] or walls
-    timed_cpu = cpus[1:] or cpus
-    return {"train_loss": losses, "resumed_at_step": first, "s_per_step": sum(timed) / len(timed),
-            "cpu_s_per_step": sum(timed_cpu) / len(timed_cpu), "step_seconds": walls}
-
-
-def save_training(path: Path, step: int, named: Sequence[tuple[str, torch.Tensor]], opt: torch.optim.Optimizer,
-                  logs: dict[str, list[float]], settings: dict[str, Any]) -> None:
-    """Write a mid-run checkpoint atomically (a partial file never replaces a good one)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"step": step, "settings": json.dumps(settings, sort_keys=True), "logs": logs,
-             "params": {n: p.detach().cpu() for n, p in named}, "optimizer": opt.state_dict()}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    print(f"[experiments] checkpoint at step {step}: {path}", file=sys.stderr)
-
-
-def resume_training(path: Path, named: Sequence[tuple[str, torch.Tensor]], opt: torch.optim.Optimizer,
-                    logs: dict[str, list[float]], settings: dict[str, Any]) -> int:
-    """Load ``path`` into the trainable tensors and the optimizer; returns the step to continue from.
-
-    A checkpoint from other settings or other trainable tensors is refused rather than mixed in.
-    """
-    if not path.is_file():
-        return 0
-    try:  # weights_only: a checkpoint can hold tensors and plain values, never code
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated by a kill mid-write of an older copy, or not ours
-        raise SystemExit(f"{path} is not a readable checkpoint ({type(exc).__name__}); delete it to start "
-                         "this run again") from exc
-    if not isinstance(state, dict) or not {"step", "settings", "logs", "params", "optimizer"} <= set(state):
-        raise SystemExit(f"{path} is not a checkpoint of this script; delete it to start this run again")
-    if state.get("settings") != json.dumps(settings, sort_keys=True):
-        raise SystemExit(f"{path} was written with other settings; delete it to start this run again")
-    step, logs_saved = state["step"], state["logs"]
-    if (not isinstance(step, int) or not 0 < step <= settings["steps"] or not isinstance(logs_saved, dict)
-            or any(len(logs_saved.get(k, ())) != step for k in logs)):
-        raise SystemExit(f"{path} claims step {step!r} of {settings['steps']} with logs that do not match; "
-                         "delete it to start this run again")
-    saved = state["params"]
-    if sorted(saved) != sorted(n for n, _ in named):
-        raise SystemExit(f"{path} holds other trainable tensors than this run trains; delete it to start again")
-    with torch.no_grad():
-        for n, p in named:
-            if saved[n].shape != p.shape:
-                raise SystemExit(f"{path}: {n} has shape {tuple(saved[n].shape)}, the model {tuple(p.shape)}")
-            p.copy_(saved[n].to(p.device, p.dtype))
-    opt.load_state_dict(state["optimizer"])
-    for k in logs:
-        logs[k].extend(float(x) for x in logs_saved[k])
-    print(f"[experiments] resumed at step {step} from {path}", file=sys.stderr)
-    return step
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    walls, cpus = summary["step_seconds"], summary["step_cpu_seconds"]
+    timed, timed_cpu = walls[1:] or walls, cpus[1:] or cpus
+    return {"train_loss": losses, "resumed_at_step": resumed_at,
+            "s_per_step": sum(timed) / len(timed) if timed else None,
+            "cpu_s_per_step": sum(timed_cpu) / len(timed_cpu) if timed_cpu else None, "step_seconds": walls}
 
 
 def base_selection(stats: Any) -> dict[str, Any]:
@@ -424,10 +369,10 @@ def do_run(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     save_adapter = args.save_adapters and spec["kind"] in ("selective", "lora")
-    trainable_model, trainable, total = prepare(model, spec, savable=save_adapter)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ckpt = out / "checkpoints" / f"{name}.pt"
-    timing = train(trainable_model, data["train"], pad, args, ckpt) if spec["kind"] != "none" else {}
+    # a selective model's checkpoints hold its adapter, which needs the base matrices
+    trainable_model, trainable, total = prepare(model, spec, savable=save_adapter or bool(args.checkpoint_every))
+    run_dir = out / "checkpoints" / name
+    timing = train(trainable_model, tokenizer, data["train"], args, run_dir) if spec["kind"] != "none" else {}
     if save_adapter:  # before measuring: the adapter is the run's product, the measures are about it
         trainable_model.save_pretrained(out / "adapters" / name)
     measures, stats = measure(trainable_model, tokenizer, data, args)
@@ -480,7 +425,7 @@ def finish_run(name: str, args: argparse.Namespace) -> None:
     """Run ``name``, write its JSON, then drop its mid-run checkpoint (the JSON is the result)."""
     out = Path(args.out)
     _write_json(out / "runs" / f"{name}.json", do_run(name, args))
-    (out / "checkpoints" / f"{name}.pt").unlink(missing_ok=True)
+    shutil.rmtree(out / "checkpoints" / name, ignore_errors=True)
 
 
 def _argv_without_isolate() -> list[str]:
@@ -526,14 +471,17 @@ def lr_trial(args: argparse.Namespace, lr: float, folder: Path) -> dict[str, Any
                                         progress=False)
         _write_json(sel_path, base_selection(stats))
     spec = run_spec("slam", model, json.loads(sel_path.read_text())["layers"])
-    slam, _, _ = prepare(model, spec)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    timing = train(slam, data["train"], pad, trial, folder / f"lr{lr:g}.pt")
+    from layerselect.train import translation_loss
+
+    slam, _, _ = prepare(model, spec, savable=bool(args.checkpoint_every))
+    timing = train(slam, tokenizer, data["train"], trial, folder / f"lr{lr:g}")
     record = {"lr": lr, "layers": spec["layers"], "targets": spec["targets"],
-              "heldout_translation_loss": token_loss(slam, data["heldout"], pad, args.eval_batch_size),
+              "heldout_translation_loss": translation_loss(slam, tokenizer, data["heldout"],
+                                                           batch_size=args.eval_batch_size,
+                                                           precision=resolved_precision(args)),
               "train_loss": timing["train_loss"], "s_per_step": timing["s_per_step"], "settings": settings}
     _write_json(path, record)
-    (folder / f"lr{lr:g}.pt").unlink(missing_ok=True)
+    shutil.rmtree(folder / f"lr{lr:g}", ignore_errors=True)
     print(f"[experiments] lr {lr:g}: held-out translation loss {record['heldout_translation_loss']:.4f}",
           file=sys.stderr)
     return record
@@ -559,45 +507,14 @@ def _iv(x: Any) -> str:
 
 def paired_delta(run: dict[str, Any], base: dict[str, Any], stat: str = "avg_gap", n_boot: int = 1000,
                  seed: int = 0) -> tuple[float, float, float]:
-    """``(delta, low, high)``: change of one gap statistic from ``base`` to ``run``, 95% paired bootstrap.
+    """:func:`layerselect.eval.paired_delta` of two run records' reasoning gaps (a mismatch exits by name)."""
+    from layerselect.errors import InvalidInputError
+    from layerselect.eval import paired_delta as library_paired_delta
 
-    ``stat``: ``"avg_gap"`` (mean over the other languages of NLL - NLL_reference),
-    ``"nll_ref"`` (NLL of the reference language) or ``"nll_others"`` (mean NLL of
-    the other languages; ``avg_gap = nll_others - nll_ref``). Both runs were
-    measured on the same questions, so the questions are resampled once per draw
-    and the statistic is recomputed for both on that draw (token-weighted NLL per
-    language, as :func:`layerselect.eval.reasoning_gap`): the interval of a
-    difference, not two overlapping intervals.
-    """
-    import numpy as np
-
-    def value(gap: dict[str, Any], idx: np.ndarray) -> np.ndarray:
-        ref = gap["reference"]
-        pq = gap["per_question"]
-
-        def nll(lang: str) -> np.ndarray:
-            sums, counts = np.asarray(pq[lang]["nll_sum"]), np.asarray(pq[lang]["tokens"])
-            return sums[idx].sum(axis=-1) / counts[idx].sum(axis=-1)
-
-        others = np.mean([nll(x) for x in gap["langs"] if x != ref], axis=0)
-        return {"avg_gap": lambda: others - nll(ref), "nll_ref": lambda: nll(ref), "nll_others": lambda: others}[stat]()
-
-    if stat not in ("avg_gap", "nll_ref", "nll_others"):
-        raise ValueError(f"unknown statistic {stat!r}")
-    def shape(gap: dict[str, Any]) -> dict[str, int]:
-        return {x: len(gap["per_question"][x]["nll_sum"]) for x in gap["langs"]}
-
-    if shape(run["gap"]) != shape(base["gap"]) or len(set(shape(base["gap"]).values())) != 1:
-        raise SystemExit(f"runs measured on other questions or languages cannot be paired: "
-                         f"{run.get('run')} {shape(run['gap'])} vs {base.get('run')} {shape(base['gap'])}; "
-                         "measure both with the same --gap-questions and --gap-langs")
-    n = len(base["gap"]["per_question"][base["gap"]["reference"]]["nll_sum"])
-    everything = np.arange(n)[None, :]
-    delta = float(value(run["gap"], everything)[0] - value(base["gap"], everything)[0])
-    draws = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-    diffs = value(run["gap"], draws) - value(base["gap"], draws)
-    low, high = np.quantile(diffs, [0.025, 0.975])
-    return delta, float(low), float(high)
+    try:
+        return library_paired_delta(run["gap"], base["gap"], stat, n_boot=n_boot, seed=seed)
+    except InvalidInputError as exc:
+        raise SystemExit(f"{run.get('run')} vs {base.get('run')}: {exc}") from None
 
 
 def paired_gap_delta(run: dict[str, Any], base: dict[str, Any], n_boot: int = 1000,

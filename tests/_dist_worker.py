@@ -35,6 +35,9 @@ def main() -> None:
         output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=args.per_device,
         gradient_accumulation_steps=1, learning_rate=1e-2, warmup_steps=0, save_strategy="no",
         use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0,
+        # length grouping builds its mega-batches from per-device batch x accumulation, so 2 x 2 and
+        # 1 x 4 would see other batches; the Trainer's random order gives both the same global batch
+        data_order="random",
         **({"ddp_backend": "gloo"} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}),
     )
 

@@ -273,7 +273,7 @@ def test_cli_round_trip(saved_tiny, mgsm_dir, tmp_path, capsys):
     out = tmp_path / "res"
     args = ["eval", "--model", str(saved_tiny), "--task", "mgsm", "--data", str(mgsm_dir),
             "--langs", "en,de", "--limit", "3", "--out", str(out), "--max-new-tokens", "4",
-            "--batch-size", "2", "--dtype", "float32", "--quiet"]
+            "--batch-size", "2", "--dtype", "float32", "--precision", "fp32", "--quiet"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "| mgsm | en | de | Avg |" in printed and "| PCR | – |" in printed
@@ -293,6 +293,22 @@ def test_cli_round_trip(saved_tiny, mgsm_dir, tmp_path, capsys):
     # re-scoring needs no model
     assert main(["eval", "--task", "mgsm", "--out", str(out), "--rescore", "--quiet"]) == 0
     assert json.loads((out / "results.json").read_text())["accuracy"] == results["accuracy"]
+    assert "precision" not in run  # fp32, as every run before the option
+
+    # --precision bf16: recorded, the same answers as the Python API in bf16, and a resume in
+    # another precision is refused (greedy answers can differ)
+    low = tmp_path / "res16"
+    assert main([*args[:-3], "--precision", "bf16", "--quiet", "--out", str(low)]) == 0
+    assert json.loads((low / "run.json").read_text())["precision"] == "bf16"
+    from layerselect.models import load_model
+
+    loaded, loaded_tok = load_model(str(saved_tiny), dtype="float32")  # as the CLI loads it: bf16 tells apart
+    gen16 = TransformersGenerator(loaded, loaded_tok, max_new_tokens=4, precision="bf16", batch_size=2)
+    recs16 = read_records(low / "mgsm_de.jsonl")
+    assert [r["response"] for r in recs16] == gen16([build_prompt(r["question"]) for r in recs16])
+    capsys.readouterr()
+    assert main([*args[:-3], "--precision", "fp32", "--quiet", "--out", str(low)]) == 2
+    assert "precision" in capsys.readouterr().err
 
     # errors are one line, exit 2
     assert main(args[:8] + ["sw"] + args[9:]) == 2

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "layerselect"
 STAGE = {
     # foundations: shared by every stage
     "errors": 0, "_io": 0, "_progress": 0, "_batching": 0, "_dist": 0, "arch": 0, "loss": 0,
-    "texts": 0, "models": 0, "resources": 0,
+    "texts": 0, "models": 0, "resources": 0, "precision": 0, "_version": 0,
     "stats": 1,
     "selection": 2, "criteria": 2,
     "selective_ffn": 3,
@@ -30,19 +30,21 @@ STAGE = {
 }
 
 
-def _imports(path: Path) -> list[tuple[str, int]]:
-    """(top-level unit inside layerselect, line) for every import in ``path``."""
+def _imports(path: Path, source: str | None = None) -> list[tuple[str, int]]:
+    """(top-level unit inside layerselect, line) for every import in ``path`` (or ``source`` as if there)."""
     package = list(path.relative_to(ROOT).parts[:-1])
     found = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(ast.parse(source if source is not None else path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.level > 0:
             base = package[: len(package) - (node.level - 1)]
             target = base + (node.module.split(".") if node.module else [])
-            units = [target[0]] if target else [a.name for a in node.names]
+            # `from .. import name` at the root: a unit if `name` is one, else the package root itself
+            units = [target[0]] if target else [a.name if a.name in STAGE else "__init__" for a in node.names]
             found += [(u, node.lineno) for u in units]
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("layerselect"):
             parts = node.module.split(".")
-            found += [(parts[1], node.lineno)] if len(parts) > 1 else [(a.name, node.lineno) for a in node.names]
+            found += [(parts[1], node.lineno)] if len(parts) > 1 else [
+                (a.name if a.name in STAGE else "__init__", node.lineno) for a in node.names]
         elif isinstance(node, ast.Import):
             for a in node.names:
                 parts = a.name.split(".")
@@ -72,3 +74,9 @@ def test_the_checker_sees_lazy_and_relative_imports():
     assert "selective_ffn" in [u for u, _ in _imports(ROOT / "distributed.py")]
     assert "stats" in [u for u, _ in _imports(ROOT / "selection" / "msd.py")]  # from ..stats import
     assert "errors" in [u for u, _ in _imports(ROOT / "stats" / "value.py")]
+
+
+def test_the_checker_sees_imports_of_the_package_root():
+    # `from .. import __version__` runs the package root, which imports every stage
+    source = "from .. import __version__\nfrom .. import errors\nfrom layerselect import select\n"
+    assert [u for u, _ in _imports(ROOT / "stats" / "files.py", source)] == ["__init__", "errors", "__init__"]

@@ -109,6 +109,28 @@ def test_float32_loss_and_gradients_match_hf_standard_path(family, overrides):
         assert _rel(g, ref_grads[name]) <= 1e-5, name
 
 
+@pytest.mark.parametrize("family,overrides", CASES, ids=[f"{f}-{'-'.join(o) or 'plain'}" for f, o in CASES])
+def test_bf16_autocast_loss_and_gradients_match_hf_standard_path_under_the_same_autocast(family, overrides):
+    # The head runs in bf16 as autocast would run it (cast once per call instead of per chunk).
+    model, trained = _slam(family, torch.float32, **overrides)
+    labels = _reference(model, _labels())[2]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        std = model(input_ids=IDS, attention_mask=MASK, labels=labels).loss
+    std.backward()
+    ref_grads = _grads(trained)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = label_only_loss(model, IDS, labels, MASK, chunk_size=3)
+    assert out.label_only and out.token_nll.dtype == torch.float32
+    assert abs(out.loss.item() - std.item()) <= 1e-3 * std.item()
+    out.loss.backward()
+    for name, g in _grads(trained).items():
+        assert g.dtype == torch.float32
+        assert _rel(g, ref_grads[name]) <= 3e-2, name
+    # and it is really bf16: the fp32 loss differs beyond fp32 rounding
+    fp32 = label_only_loss(model, IDS, labels, MASK).loss.item()
+    assert abs(out.loss.item() - fp32) > 1e-6 * fp32
+
+
 def test_softcapping_and_chunking_are_really_exercised():
     """The soft-capped loss differs from an uncapped head, and every chunk size gives the same result."""
     model = tiny_model("gemma3_text", final_logit_softcapping=2.0).requires_grad_(False)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from layerselect.eval import reasoning_gap
+from layerselect.errors import InvalidInputError, LayerSelectError
+from layerselect.eval import paired_delta, reasoning_gap
 from tiny import tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ def setup(tmp_path_factory):
                                             for i, s in enumerate(SOLUTIONS)), encoding="utf-8")
     args = ["--quick", "--no-isolate", "--model", str(root / "model"), "--train-data", str(root / "pairs"),
             "--train-langs", "de,zh", "--mgsm", str(root / "mgsm"), "--solutions", str(root / "sol.jsonl"),
-            "--gap-langs", "en,de,zh", "--out", str(root / "out")]
+            "--gap-langs", "en,de,zh", "--precision", "fp32", "--out", str(root / "out")]
     return root, args
 
 
@@ -154,32 +155,43 @@ def test_paired_gap_delta_by_hand():
     worse_en = {"gap": _gap([13, 23, 33], [20, 30, 40])}  # English 0.3 worse on every question, de unchanged
     assert pe.paired_delta(worse_en, base, "nll_ref", n_boot=100) == pytest.approx((0.3, 0.3, 0.3))
     assert pe.paired_delta(worse_en, base, "avg_gap", n_boot=100) == pytest.approx((-0.3, -0.3, -0.3))
-    with pytest.raises(ValueError, match="unknown statistic"):
+    with pytest.raises(SystemExit, match="unknown statistic 'accuracy'"):
         pe.paired_delta(run, base, "accuracy")
+    with pytest.raises(InvalidInputError, match="unknown statistic 'accuracy'"):
+        paired_delta(run["gap"], base["gap"], "accuracy")
+    # the library function the harness calls, on the gap results themselves
+    assert paired_delta(uneven["gap"], base["gap"], "nll_others", n_boot=500) == d_others
     truncated = {"run": "cut", "gap": _gap([10, 20], [20, 30], tokens=(10, 10))}  # a record missing a question
     with pytest.raises(SystemExit, match="cannot be paired"):
         pe.paired_delta(truncated, base)
 
 
 def test_interrupted_run_resumes_to_the_same_weights(setup, tmp_path, monkeypatch):
-    """--checkpoint-every: a run killed after step 3 and resumed ends bitwise where an unbroken run ends."""
+    """--checkpoint-every: a run killed after step 3 and resumed ends bitwise where an unbroken run ends.
+
+    The harness trains through layerselect.train.train_model, so these are the library's Trainer
+    checkpoints (checkpoint-N folders), not a format of the script's own.
+    """
     root, args = setup
     mod = _load_script()
-    opts = mod.build_parser().parse_args([*args, "--out", str(tmp_path), "--checkpoint-every", "2"])
+    opts = mod.build_parser().parse_args([*args, "--out", str(tmp_path), "--checkpoint-every", "2",
+                                          "--precision", "fp32"])
     mod.apply_quick(opts)
     opts.steps = 5
     tok = tiny_tokenizer()
     features = mod.load_data(opts, tok)["train"]
     spec = {"kind": "selective", "layers": [1], "targets": ["up", "down"]}
 
-    def run(ckpt):
+    def run(run_dir, every=2):
+        opts.checkpoint_every = every
         model = tiny_model("llama", dtype=torch.float32, max_position_embeddings=512)
-        slam, _, _ = mod.prepare(model, spec)
-        log = mod.train(slam, features, tok.pad_token_id, opts, ckpt)
+        slam, _, _ = mod.prepare(model, spec, savable=True)
+        log = mod.train(slam, tok, features, opts, run_dir)
         return {n: p.detach().clone() for n, p in slam.named_parameters() if p.requires_grad}, log
 
-    unbroken, log_unbroken = run(None)
-    ckpt = tmp_path / "slam.pt"
+    unbroken, log_unbroken = run(tmp_path / "unbroken", every=0)
+    assert len(log_unbroken["train_loss"]) == 5
+    run_dir = tmp_path / "slam"
     calls = {"n": 0}
     real_step = torch.optim.AdamW.step
 
@@ -191,32 +203,26 @@ def test_interrupted_run_resumes_to_the_same_weights(setup, tmp_path, monkeypatc
 
     monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
     with pytest.raises(KeyboardInterrupt):
-        run(ckpt)
+        run(run_dir)
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
-    assert torch.load(ckpt, weights_only=True)["step"] == 2
-    resumed, log_resumed = run(ckpt)
+    assert [p.name for p in run_dir.glob("checkpoint-*")] == ["checkpoint-2"]
+    resumed, log_resumed = run(run_dir)
     assert log_resumed["resumed_at_step"] == 2 and log_unbroken["resumed_at_step"] == 0
     assert log_resumed["train_loss"] == log_unbroken["train_loss"]
     assert all(torch.equal(resumed[n], unbroken[n]) for n in unbroken)
     # the finished training is checkpointed too: a run killed while being measured trains nothing again
-    assert torch.load(ckpt, weights_only=True)["step"] == 5
+    assert [p.name for p in run_dir.glob("checkpoint-*")] == ["checkpoint-5"]
     monkeypatch.setattr(torch.optim.AdamW, "step", dying_step)
     calls["n"] = 0
-    again, log_again = run(ckpt)
+    again, log_again = run(run_dir)
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     assert calls["n"] == 0 and log_again["resumed_at_step"] == 5
     assert log_again["train_loss"] == log_unbroken["train_loss"]
     assert all(torch.equal(again[n], unbroken[n]) for n in unbroken)
-    # a checkpoint that claims a step its logs do not back (or beyond the run) is refused, nothing applied
-    state = torch.load(ckpt, weights_only=True)
-    for bad in (99, 3, 0):
-        torch.save({**state, "step": bad}, tmp_path / "bad.pt")
-        with pytest.raises(SystemExit, match="claims step"):
-            run(tmp_path / "bad.pt")
     # a checkpoint from other settings is refused, not mixed in
     opts.lr = 0.5
     with pytest.raises(SystemExit, match="other settings"):
-        run(ckpt)
+        run(run_dir)
 
 
 def test_lr_grid_picks_the_lowest_heldout_loss_and_resumes(setup, tmp_path, capsys):
@@ -276,21 +282,25 @@ def test_mean_non_english_nll_by_hand():
     assert pe._mean_other_nll(gap) == pytest.approx(2.0)  # (1.75 + 2.25) / 2; avg gap = 2.0 - 1.5
 
 
-@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", None], ids=["empty", "truncated", "foreign"])
-def test_a_broken_checkpoint_is_refused_by_name(setup, tmp_path, content):
+@pytest.mark.parametrize("broken", ["weights", "optimizer"])
+def test_a_broken_checkpoint_is_refused_by_name(setup, tmp_path, broken):
     root, args = setup
     mod = _load_script()
-    opts = mod.build_parser().parse_args([*args, "--out", str(tmp_path), "--checkpoint-every", "1"])
+    opts = mod.build_parser().parse_args([*args, "--out", str(tmp_path), "--checkpoint-every", "1",
+                                          "--precision", "fp32"])
     mod.apply_quick(opts)
-    ckpt = tmp_path / "slam.pt"
-    if content is None:
-        torch.save({"weights": torch.zeros(2)}, ckpt)  # a valid torch file, but not one of ours
-    else:
-        ckpt.write_bytes(content)
+    tok = tiny_tokenizer()
+    features = mod.load_data(opts, tok)["train"]
+    spec = {"kind": "selective", "layers": [1], "targets": ["up", "down"]}
+    run_dir = tmp_path / "slam"
     model = tiny_model("llama", dtype=torch.float32, max_position_embeddings=512)
-    slam, _, _ = mod.prepare(model, {"kind": "selective", "layers": [1], "targets": ["up", "down"]})
+    mod.train(mod.prepare(model, spec, savable=True)[0], tok, features, opts, run_dir)
+    last = run_dir / f"checkpoint-{opts.steps}"
+    target = last / ("trainable_weights.safetensors" if broken == "weights" else "optimizer.pt")
+    target.write_bytes(target.read_bytes()[:100])  # truncated, as by a kill mid-write of a copy
+    model = tiny_model("llama", dtype=torch.float32, max_position_embeddings=512)
+    slam = mod.prepare(model, spec, savable=True)[0]
     before = {n: p.detach().clone() for n, p in slam.named_parameters()}
-    features = mod.load_data(opts, tiny_tokenizer())["train"]
-    with pytest.raises(SystemExit, match="slam.pt .*delete it"):
-        mod.train(slam, features, tiny_tokenizer().pad_token_id, opts, ckpt)
+    with pytest.raises(LayerSelectError, match=target.name):
+        mod.train(slam, tok, features, opts, run_dir)
     assert all(torch.equal(p, before[n]) for n, p in slam.named_parameters())  # nothing half-applied

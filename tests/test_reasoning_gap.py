@@ -167,8 +167,9 @@ def test_cli_base_adapter_and_merged(gap_files, tmp_path, capsys):
     data, sol, model_dir, model = gap_files
     tok = tiny_tokenizer()
     args = ["eval", "--metric", "nll", "--task", "mgsm", "--data", str(data), "--solutions", str(sol),
-            "--langs", "en,de,zh", "--bootstrap", "100", "--quiet"]
+            "--langs", "en,de,zh", "--bootstrap", "100", "--precision", "fp32", "--quiet"]
     assert main([*args, "--model", str(model_dir), "--out", str(tmp_path / "base")]) == 0
+    assert json.loads((tmp_path / "base" / "reasoning_gap.json").read_text())["precision"] == "fp32"
     out = capsys.readouterr().out
     assert "| de |" in out and "avg (non-en)" in out
     base = json.loads((tmp_path / "base" / "reasoning_gap.json").read_text())

@@ -143,7 +143,8 @@ def test_plot_representations_cli(tmp_path, capsys):
         slam.model.model.layers[1].mlp.up_proj.weight.mul_(2.0)
     slam.save_pretrained(tmp_path / "ad")
     rc = main(["plot", "--representations", "--model", str(tmp_path / "m"), "--adapter", str(tmp_path / "ad"),
-               "--data", f"mgsm:{data}", "--layers", "1,3", "--format", "png", "--out", str(tmp_path / "figs")])
+               "--data", f"mgsm:{data}", "--layers", "1,3", "--format", "png", "--precision", "fp32",
+               "--out", str(tmp_path / "figs")])
     assert rc == 0
     assert (tmp_path / "figs" / "representations_pca.png").stat().st_size > 5000
     # the printed alignment numbers are parallel_alignment of states computed here independently

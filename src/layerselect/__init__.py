@@ -21,7 +21,7 @@ import importlib as _importlib
 import warnings as _warnings
 from typing import Any as _Any
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 # The imports follow the pipeline, not the alphabet.
 # isort: off

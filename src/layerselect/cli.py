@@ -17,8 +17,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from . import __version__
 from ._progress import quiet_libraries
+from ._version import __version__
 from .errors import LayerSelectError
 
 #: Pipeline order; modules that are not installed are skipped.

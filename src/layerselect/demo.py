@@ -59,6 +59,7 @@ def run_demo(
     seed: int = 0,
     progress: bool = True,
     keep_checkpoints: bool = False,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Run the pipeline end to end and return a summary dict (also written to ``OUT/summary.json``).
 
@@ -67,12 +68,15 @@ def run_demo(
     ``out`` defaults to :func:`default_demo_dir`; ``keep_checkpoints`` also writes the
     Trainer's final ``train/checkpoint-N/`` (optimizer state included, about 2x the
     adapter); by default only the adapter, the loss log and the statistics are written.
+    ``precision`` (:mod:`layerselect.precision`) applies to training and the translation
+    loss; the activation statistics always count in fp32 (they read signs near zero).
 
     Example:
         >>> run_demo(out="/tmp/layerselect-demo", steps=20)["reload_bitwise_equal"]   # doctest: +SKIP
         True
     """
-    from .criteria import select
+    from .precision import resolve_precision
+    from .selection import select
     from .stats import ActivationStats
 
     out = Path(out) if out is not None else default_demo_dir()
@@ -83,6 +87,8 @@ def run_demo(
 
     _say(1, total, f"Loading {model} (converted from GGUF and cached on first use)")
     base, tokenizer = load_model(model)
+    precision = resolve_precision(precision, next(base.parameters()).device)
+    print(f"precision: {precision}", flush=True)
     prompts = load_demo_prompts()
     texts = {lang: [p[lang] for p in prompts] for lang in DEMO_LANGS}
 
@@ -99,7 +105,7 @@ def run_demo(
     _say(4, total, f"Training only the FFN (up_proj, down_proj) of layers {selection.layers} for {steps} steps")
     adapter_dir, losses = _train(base, tokenizer, prompts, selection, model, out / "train", steps=steps,
                                  learning_rate=learning_rate, batch_size=batch_size, seed=seed,
-                                 progress=progress, keep_checkpoints=keep_checkpoints)
+                                 progress=progress, keep_checkpoints=keep_checkpoints, precision=precision)
 
     _say(5, total, "Reloading the adapter onto a fresh base model and verifying the weights")
     reloaded = _reload_and_verify(model, adapter_dir, trained=base)
@@ -115,6 +121,7 @@ def run_demo(
         "model": model,
         "selected_layers": selection.layers,
         "train_steps": steps,
+        "precision": precision,
         "translation_loss_before_after": losses,
         "adapter": str(adapter_dir),
         "adapter_bytes": sum(f.stat().st_size for f in Path(adapter_dir).iterdir()),
@@ -133,7 +140,7 @@ def run_demo(
 
 def _train(base: Any, tokenizer: Any, prompts: list[dict[str, Any]], selection: Any, model: str, out: Path, *,
            steps: int, learning_rate: float, batch_size: int, seed: int, progress: bool,
-           keep_checkpoints: bool) -> tuple[Path, list[float]]:
+           keep_checkpoints: bool, precision: str) -> tuple[Path, list[float]]:
     """Train the selected layers in place on the demo pairs; return the adapter and the loss before/after."""
     from .data import TranslationExample
     from .selective_ffn import SelectiveFFNConfig
@@ -142,7 +149,7 @@ def _train(base: Any, tokenizer: Any, prompts: list[dict[str, Any]], selection: 
     pairs = [TranslationExample(lang, p[lang], p["en"]) for p in prompts for lang in DEMO_LANGS if lang != "en"]
     config = SelectiveFFNConfig(layers=selection, base_model_name_or_path=model)
     loss_before = translation_loss(base, tokenizer, pairs, batch_size=4, progress=progress,
-                                   desc="translation loss before")
+                                   desc="translation loss before", precision=precision)
     adapter_dir = train_slam(
         base,
         tokenizer,
@@ -158,10 +165,11 @@ def _train(base: Any, tokenizer: Any, prompts: list[dict[str, Any]], selection: 
         seed=seed,
         disable_tqdm=not progress,
         save_strategy="steps" if keep_checkpoints else "no",
+        precision=precision,
     )
     # train_slam trains the base model's own tensors in place
     losses = [loss_before, translation_loss(base, tokenizer, pairs, batch_size=4, progress=progress,
-                                            desc="translation loss after")]
+                                            desc="translation loss after", precision=precision)]
     print(f"translation loss on the {len(pairs)} pairs (English target tokens): "
           f"{losses[0]:.4f} -> {losses[1]:.4f}")
     print(f"adapter written to {adapter_dir}")

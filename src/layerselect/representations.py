@@ -43,13 +43,16 @@ def last_token_states(
     layers: Sequence[int],
     *,
     batch_size: int = 8,
+    precision: str = "fp32",
 ) -> tuple[dict[int, torch.Tensor], list[str]]:
     """Hidden state of each text's last real token after each of ``layers``.
 
     Returns ``({layer: float64 CPU tensor [n_texts, hidden]}, langs)`` with the rows
     in the order of ``texts`` (language by language) and ``langs[i]`` the
     language of row ``i``. Batching does not change the values beyond rounding
-    (right padding, so real tokens never attend to pads).
+    (right padding, so real tokens never attend to pads). ``precision``: ``"fp32"``
+    (default), ``"bf16"`` autocast or ``"auto"`` (:mod:`layerselect.precision`); the
+    states come back in float64 either way.
 
     Example:
         >>> states, langs = last_token_states(model, tok, {"en": ["Hi."]}, [0])   # doctest: +SKIP
@@ -57,6 +60,7 @@ def last_token_states(
         (torch.Size([1, 640]), ['en'])
     """
     from .arch import get_layout, unwrap_model
+    from .precision import autocast, model_dtype
 
     base = unwrap_model(model)
     n_layers = get_layout(base).num_layers
@@ -73,20 +77,21 @@ def last_token_states(
     was_training = base.training
     base.eval()
     try:
-        for s in range(0, len(flat), batch_size):
-            enc = [tokenizer(t, add_special_tokens=True)["input_ids"] for _, t in flat[s : s + batch_size]]
-            width = max(len(e) for e in enc)
-            ids = torch.full((len(enc), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(enc), width), dtype=torch.long)
-            for r, e in enumerate(enc):
-                ids[r, : len(e)] = torch.tensor(e)
-                mask[r, : len(e)] = 1
-            hs = base(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True).hidden_states
-            last = torch.tensor([len(e) - 1 for e in enc])
-            for layer in layers:
-                h = hs[layer + 1][torch.arange(len(enc)), last.to(hs[0].device)]
-                for r in range(len(enc)):
-                    rows[layer][s + r] = h[r].double().cpu()
+        with autocast(precision, device, model_dtype(base)):
+            for s in range(0, len(flat), batch_size):
+                enc = [tokenizer(t, add_special_tokens=True)["input_ids"] for _, t in flat[s : s + batch_size]]
+                width = max(len(e) for e in enc)
+                ids = torch.full((len(enc), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(enc), width), dtype=torch.long)
+                for r, e in enumerate(enc):
+                    ids[r, : len(e)] = torch.tensor(e)
+                    mask[r, : len(e)] = 1
+                hs = base(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True).hidden_states
+                last = torch.tensor([len(e) - 1 for e in enc])
+                for layer in layers:
+                    h = hs[layer + 1][torch.arange(len(enc)), last.to(hs[0].device)]
+                    for r in range(len(enc)):
+                        rows[layer][s + r] = h[r].double().cpu()
     finally:
         if was_training:
             base.train()

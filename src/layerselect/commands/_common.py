@@ -22,6 +22,17 @@ def add_model_args(parser: argparse.ArgumentParser, required: bool = False) -> N
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
 
 
+def add_precision_arg(parser: Any, default: str = "auto") -> None:
+    """``--precision {auto,fp32,bf16}``: bf16 autocast where the hardware is fast at it, or forced."""
+    from ..precision import PRECISIONS
+
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default=default,
+        help=f"auto: bf16 autocast where the hardware multiplies bf16 natively (a CUDA GPU with bf16, a "
+             f"CPU with avx512_bf16 or AMX), fp32 elsewhere; fp32 or bf16 force it. Weights and saved "
+             f"deltas stay in --dtype (default: {default})")
+
+
 def load_model_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
     return load_model(args.model, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device)
 

@@ -7,7 +7,7 @@ import sys
 
 from ..stats import ActivationStats
 from ..texts import load_texts
-from ._common import add_model_args, load_model_from_args, parse_langs
+from ._common import add_model_args, add_precision_arg, load_model_from_args, parse_langs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--padding-side", choices=("right", "left"), default="right")
     p.add_argument("--per-sample-counts", action="store_true", help="also store per-sample per-neuron counts (large)")
     p.add_argument("--reference", default="en", help="reference language for the overlap column")
+    add_precision_arg(p, default="fp32")
     p.set_defaults(func=run)
 
 
@@ -73,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         padding_side=args.padding_side,
         per_sample_counts=args.per_sample_counts,
         model_name=args.model,
+        precision=args.precision,
     )
     stats.save(args.out, overwrite=args.overwrite)
     ref = args.reference if args.reference in stats.groups else None

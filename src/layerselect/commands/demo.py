@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..models import DEFAULT_MODEL, KNOWN_MODELS
+from ._common import add_precision_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="also keep the Trainer's final checkpoint (optimizer state; about 2x the adapter)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_precision_arg(p)
     p.set_defaults(func=run)
 
 
@@ -28,5 +30,5 @@ def run(args: argparse.Namespace) -> int:
     from ..demo import run_demo
 
     run_demo(model=args.model, out=args.out, steps=args.steps, progress=not args.no_progress,
-             keep_checkpoints=args.keep_checkpoints)
+             keep_checkpoints=args.keep_checkpoints, precision=args.precision)
     return 0

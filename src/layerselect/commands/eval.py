@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import InvalidInputError
 from ..texts import PAPER_LANGS
-from ._common import add_model_args, load_model_from_args, parse_langs
+from ._common import add_model_args, add_precision_arg, load_model_from_args, parse_langs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -64,6 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default: the bundled MGSM solutions)")
     p.add_argument("--bootstrap", type=int, default=1000, help="--metric nll: bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="--metric nll: bootstrap seed")
+    add_precision_arg(p)
     p.set_defaults(func=run)
 
 
@@ -136,6 +137,8 @@ def run_accuracy(args: argparse.Namespace, langs: list[str] | None) -> int:
         max_new_tokens=args.max_new_tokens, model_name=name, reference=args.reference,
         overwrite=args.overwrite, verbose=not args.quiet,
     )
+    if args.backend == "transformers":
+        common["precision"] = args.precision
     if args.backend == "vllm":
         vllm_kwargs = {"dtype": args.dtype} if args.dtype != "float32" else {}
         if args.tensor_parallel_size:
@@ -213,7 +216,7 @@ def run_gap(args: argparse.Namespace, langs: list[str] | None) -> int:
           file=sys.stderr)
     result = reasoning_gap(model, tokenizer, questions, solutions, reference=args.reference,
                            batch_size=args.batch_size, bootstrap=args.bootstrap, seed=args.seed,
-                           verbose=not args.quiet)
+                           verbose=not args.quiet, precision=args.precision)
     result = {"task": task_name, "model": name, "dtype": args.dtype, **result}
     md = format_gap_table(result, title=f"{task_name} reasoning gap: {name}")
     out = Path(args.out)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_model_args
+from ._common import add_model_args, add_precision_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--layers", default=None, help="comma-separated layers (default: first, middle, last)")
     g.add_argument("--method", choices=("pca", "tsne"), default="pca", help="projection (tsne needs scikit-learn)")
     g.add_argument("--batch-size", type=int, default=8)
+    add_precision_arg(g)
     p.set_defaults(func=run)
 
 
@@ -78,7 +79,8 @@ def run_representations(args: argparse.Namespace) -> int:
     states: dict[str, dict] = {}
     langs: list[str] = []
     for name, m in models.items():
-        states[name], langs = last_token_states(m, tokenizer, texts, layers, batch_size=args.batch_size)
+        states[name], langs = last_token_states(m, tokenizer, texts, layers, batch_size=args.batch_size,
+                                                precision=args.precision)
     out = Path(args.out)
     for path in save_figure(
         plot_state_projections(list(states.values()), langs, layers, labels=list(states), method=args.method),

@@ -17,7 +17,7 @@ from typing import Any
 
 from .._io import atomic_write_text
 from ..errors import InvalidInputError
-from ._common import add_model_args, load_model_from_args, parse_langs
+from ._common import add_model_args, add_precision_arg, load_model_from_args, parse_langs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,6 +56,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="resume from the latest checkpoint in --out, or from the given checkpoint dir")
     p.add_argument("--out", required=True, help="output directory (checkpoints, adapter/, loss.json/png)")
+    add_precision_arg(p)
+    p.add_argument("--data-order", choices=("length", "random", "sequential"), default="length",
+                   help="length (default): batches of pairs of similar length, far less padding; random: the "
+                        "Trainer's shuffle; sequential: the data's own order")
     p.set_defaults(func=run)
 
 
@@ -167,9 +171,10 @@ def run(args: argparse.Namespace) -> int:
         overrides["gradient_accumulation_steps"] = args.grad_accum
     if args.device == "cpu":
         overrides["use_cpu"] = True
-    training_args = default_training_args(out, **overrides)
+    training_args = default_training_args(out, precision=args.precision, data_order=args.data_order, **overrides)
+    measure_precision = "bf16" if training_args.bf16 else "fp32"
     before = (translation_loss(model, tokenizer, heldout, max_length=args.max_length, progress=True,
-                               desc="held-out loss before") if heldout else None)
+                               desc="held-out loss before", precision=measure_precision) if heldout else None)
     _status(f"[2/3] training layers {layers} (effective batch "
             f"{training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size}"
             f", lr {training_args.learning_rate:.2e}) ...")
@@ -179,13 +184,14 @@ def run(args: argparse.Namespace) -> int:
     summary = json.loads((out / "train_summary.json").read_text(encoding="utf-8"))
     if heldout:
         after = translation_loss(model, tokenizer, heldout, max_length=args.max_length, progress=True,
-                                 desc="held-out loss after")
+                                 desc="held-out loss after", precision=measure_precision)
         summary.update(heldout_pairs=len(heldout), heldout_loss_before=before, heldout_loss_after=after)
         atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=1) + "\n")
     print("[3/3] done")
     print(f"  layers:               {layers}")
     print(f"  trainable parameters: {summary['trainable_parameters']:,} of {summary['total_parameters']:,} "
           f"({summary['trainable_percent']:.2f}%)")
+    print(f"  precision:            {summary['precision']}")
     print(f"  steps:                {summary['steps']} ({summary['seconds']:.1f}s, "
           f"mean train loss {summary['train_loss']:.4f})")
     if heldout:

@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 from .extract import extract_answer, extract_label, extract_number, normalize_digits, parse_number
-from .gap import format_gap_table, gap_item, load_solutions, reasoning_gap, target_nll
+from .gap import format_gap_table, gap_item, load_solutions, paired_delta, reasoning_gap, target_nll
 from .generate import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_STOP,
@@ -39,6 +39,7 @@ from .tasks import MGSM, MSVAMP, TASKS, XCSQA, Example, Task, get_task
 __all__ = [
     "evaluate",
     "reasoning_gap",
+    "paired_delta",
     "load_solutions",
     "gap_item",
     "target_nll",

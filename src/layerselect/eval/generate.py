@@ -29,6 +29,7 @@ import torch
 
 from .._batching import pad_batch
 from ..errors import InvalidInputError
+from ..precision import autocast, model_dtype, resolve_precision
 
 __all__ = [
     "PROMPT_TEMPLATE",
@@ -89,6 +90,8 @@ class TransformersGenerator:
         batch_size: prompts per ``generate`` call.
         max_new_tokens: hard limit per response.
         stop: stop strings; the response is cut before the first one.
+        precision: ``"fp32"`` (default), ``"bf16"`` autocast or ``"auto"`` (bf16 where the
+            hardware is fast at it; :mod:`layerselect.precision`).
 
     Example:
         >>> from tiny import tiny_model, tiny_tokenizer  # doctest: +SKIP
@@ -103,6 +106,7 @@ class TransformersGenerator:
         batch_size: int = 8,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         stop: Sequence[str] = DEFAULT_STOP,
+        precision: str = "fp32",
     ) -> None:
         if batch_size < 1:
             raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
@@ -121,6 +125,7 @@ class TransformersGenerator:
         if pad is None:
             raise InvalidInputError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
         self.pad_token_id = int(pad)
+        self.precision = resolve_precision(precision, self._device(), model_dtype(model))
 
     def _device(self) -> torch.device:
         try:
@@ -139,9 +144,16 @@ class TransformersGenerator:
             eos = tok.eos_token_id
         # transformers stops a row once its text ends with a stop string; the cut below removes it.
         stop_strings = [s for s in self.stop if s] or None
-        out = self.model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
+        with autocast(self.precision, device):
+            out = self._generate(ids.to(device), mask.to(device), eos, stop_strings)
+        texts = tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+        return [truncate_at_stop(t, self.stop) for t in texts]
+
+    def _generate(self, ids: torch.Tensor, mask: torch.Tensor, eos: Any, stop_strings: list[str] | None) -> Any:
+        tok = self.tokenizer
+        return self.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
             do_sample=False,
             num_beams=1,
             temperature=None,
@@ -153,8 +165,6 @@ class TransformersGenerator:
             stop_strings=stop_strings,
             tokenizer=tok,
         )
-        texts = tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-        return [truncate_at_stop(t, self.stop) for t in texts]
 
     def __call__(self, prompts: Sequence[str]) -> list[str]:
         out: list[str] = []

@@ -82,9 +82,14 @@ def _check_run(out_dir: Path, settings: dict[str, Any], overwrite: bool) -> None
         changed = sorted(g for g in new_data if isinstance(old_data, dict) and g in old_data and old_data[g] != new_data[g])
         if changed:
             diff.append("data_sha256")
+        precisions = old.get("precision", "fp32"), settings.get("precision", "fp32")  # absent = fp32
+        if precisions[0] != precisions[1]:
+            diff.append("precision")
         if diff:
             details = "; ".join(
-                f"the questions of {changed} changed" if k == "data_sha256" else f"{k}: {old[k]!r} -> {settings[k]!r}"
+                f"the questions of {changed} changed" if k == "data_sha256"
+                else "precision: {!r} -> {!r}".format(*precisions) if k == "precision"
+                else f"{k}: {old[k]!r} -> {settings[k]!r}"
                 for k in diff
             )
             raise InvalidInputError(
@@ -149,6 +154,7 @@ def evaluate(
     overwrite: bool = False,
     verbose: bool = True,
     vllm_kwargs: dict[str, Any] | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``task`` in ``langs``; return the Table-2 numbers.
 
@@ -172,6 +178,9 @@ def evaluate(
         overwrite: discard existing generations in ``out_dir`` for these languages.
         verbose: a progress bar per language on stderr, the table on stdout.
         vllm_kwargs: extra ``vllm.LLM`` arguments.
+        precision: transformers backend: ``"fp32"`` (default), ``"bf16"`` autocast or
+            ``"auto"`` (bf16 where the hardware is fast at it); recorded in ``run.json``, and
+            a resume in another precision is refused (greedy answers can differ).
 
     Returns:
         :func:`~layerselect.eval.metrics.score_table` output plus ``"task"``,
@@ -186,7 +195,8 @@ def evaluate(
     name = model_name or str(getattr(getattr(model, "config", None), "name_or_path", model))
     custom = generator is not None
     if generator is None:
-        generator = _make_generator(model, tokenizer, backend, batch_size, max_new_tokens, stop, vllm_kwargs)
+        generator = _make_generator(model, tokenizer, backend, batch_size, max_new_tokens, stop, vllm_kwargs,
+                                    precision)
     out = _prepare_out(out_dir)
     if out is not None:
         settings = {
@@ -200,6 +210,8 @@ def evaluate(
             "langs": langs,
             "limit": limit,
         }
+        if isinstance(generator, TransformersGenerator) and generator.precision != "fp32":
+            settings["precision"] = generator.precision  # absent = fp32, as every run before it
         _check_run(out, settings, overwrite)
     step = batch_size if backend == "transformers" or custom else max(batch_size, 256)
     correct = {
@@ -243,9 +255,11 @@ def _make_generator(
     max_new_tokens: int,
     stop: Sequence[str],
     vllm_kwargs: dict[str, Any] | None,
+    precision: str = "fp32",
 ) -> Generator:
     if backend == "transformers":
-        return TransformersGenerator(model, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens, stop=stop)
+        return TransformersGenerator(model, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                     stop=stop, precision=precision)
     if backend == "vllm":
         if not isinstance(model, (str, os.PathLike)):
             raise InvalidInputError(

@@ -142,7 +142,7 @@ class Selection:
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (layer ids as string keys for the per-layer maps)."""
-        from .. import __version__
+        from .._version import __version__
 
         return {
             "format": "layerselect.selection",

@@ -64,7 +64,7 @@ def _adapter_meta(
     fingerprint: Mapping[str, Mapping[str, Any]],
 ) -> dict[str, Any]:
     """The content of ``layerselect_adapter.json`` before the checksums of the written files."""
-    from .. import __version__
+    from .._version import __version__
 
     return {
         "format": FORMAT_NAME,

@@ -27,6 +27,7 @@ from .._dist import is_distributed, is_sharded, rank, world_size
 from .._progress import progress as progress_bar
 from ..arch import get_layout, unwrap_model
 from ..errors import InvalidInputError, NumericalError
+from ..precision import autocast, model_dtype
 from .files import DEFINITIONS_VERSION
 from .trace import FiringTrace
 from .value import ActivationStats
@@ -120,6 +121,7 @@ def collect_stats(
     per_sample_counts: bool = False,
     progress: bool = True,
     model_name: str | None = None,
+    precision: str = "fp32",
 ) -> ActivationStats:
     """Count, per layer and group, the tokens on which each FFN neuron fires.
 
@@ -137,6 +139,12 @@ def collect_stats(
         per_sample_counts: also keep ``sample_counts[s, l, n]`` (large: S x L x N).
         progress: show a bar on stderr (rank 0 only; plain lines when not a terminal).
         model_name: recorded in the metadata (default: the model's ``name_or_path``).
+        precision: ``"fp32"`` (default) or ``"bf16"`` autocast (``"auto"``: bf16 where the
+            hardware is fast at it). Counts are signs of pre-activations, and bf16 rounds
+            the ones near zero: on Gemma-3-270M (20 MGSM questions x 10 languages) 71% of
+            the per-neuron counts moved, by at most 29 tokens, 0.3% of all firings, and the
+            msd selection stayed [0] (``benchmarks/bench_precision.py``). Recorded in
+            ``meta["precision"]``.
 
     Under ``torch.distributed`` each rank takes every world_size-th batch of texts and
     the counts are all-reduced, so every rank returns the same statistics.
@@ -162,14 +170,15 @@ def collect_stats(
         layout, layer_ids, num_groups=len(groups), num_samples=len(samples),
         left_padding=padding_side == "left", keep_per_sample=per_sample_counts,
     )
-    sample_counts = _trace_batches(
-        model, tokenizer, trace, samples, groups, my_batches=my_batches, padded=padded,
-        padding_side=padding_side, per_sample=per_sample_counts, show_progress=progress and rank == 0,
-    )
-    return _reduce(
-        trace, samples, groups, layer_ids, sample_counts, world,
-        meta=_run_meta(model, layout, model_name, padding_side, batch_size, max_length, world, started),
-    )
+    base = unwrap_model(model)
+    device = base.get_input_embeddings().weight.device
+    with autocast(precision, device, model_dtype(base)) as used:
+        sample_counts = _trace_batches(
+            model, tokenizer, trace, samples, groups, my_batches=my_batches, padded=padded,
+            padding_side=padding_side, per_sample=per_sample_counts, show_progress=progress and rank == 0,
+        )
+    meta = _run_meta(model, layout, model_name, padding_side, batch_size, max_length, world, started)
+    return _reduce(trace, samples, groups, layer_ids, sample_counts, world, meta={**meta, "precision": used})
 
 
 def _trace_batches(

@@ -48,7 +48,7 @@ META_FILE = "stats.json"
 
 
 def _library_version() -> str:
-    from .. import __version__
+    from .._version import __version__
 
     return __version__
 

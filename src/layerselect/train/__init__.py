@@ -14,7 +14,9 @@ Paper defaults (:data:`PAPER_DEFAULTS`; every one can be overridden):
   ``gradient_accumulation_steps`` x number of processes (the accumulation is
   derived from the other two unless you set it);
 - ``max_length=1024`` tokens per example;
-- bf16 where the hardware has it (a CUDA GPU with bf16), float32 otherwise.
+- bf16 mixed precision where the hardware multiplies bf16 natively (a CUDA GPU with
+  bf16, a CPU with avx512_bf16 or AMX), float32 otherwise (``precision="auto"``;
+  see :mod:`layerselect.precision`). Weights, optimizer state and deltas stay float32.
 
 The paper (and QAlign, whose data and trainer it reuses) trains with lr 2e-5,
 batch 128 and a cosine schedule; the epoch count is not fixed by the
@@ -54,12 +56,17 @@ Example:
 
 from __future__ import annotations
 
-from .arguments import EFFECTIVE_BATCH_SIZE, PAPER_DEFAULTS, default_training_args
+from .arguments import (
+    EFFECTIVE_BATCH_SIZE,
+    PAPER_DEFAULTS,
+    default_training_args,
+    length_grouping_arguments,
+)
 from .checkpoint import TRAINABLE_WEIGHTS_NAME, resolve_checkpoint
 from .features import build_train_dataset, plain_text_features
 from .measure import translation_loss
-from .reporting import TrainerLogCallback, save_loss_log
-from .run import ADAPTER_SUBDIR, train_slam
+from .reporting import StepTimeCallback, TrainerLogCallback, save_loss_log
+from .run import ADAPTER_SUBDIR, MODEL_SUBDIR, train_model, train_slam
 from .trainer import SLAMTrainer
 
 __all__ = [
@@ -69,9 +76,13 @@ __all__ = [
     "ADAPTER_SUBDIR",
     "resolve_checkpoint",
     "default_training_args",
+    "length_grouping_arguments",
     "SLAMTrainer",
     "TrainerLogCallback",
+    "StepTimeCallback",
     "train_slam",
+    "train_model",
+    "MODEL_SUBDIR",
     "build_train_dataset",
     "save_loss_log",
     "translation_loss",

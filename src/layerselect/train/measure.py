@@ -28,6 +28,7 @@ def translation_loss(
     label_only: bool | None = None,
     progress: bool = False,
     desc: str = "translation loss",
+    precision: str = "fp32",
 ) -> float:
     """Mean per-token loss on the target tokens of ``data`` (pairs or a tokenized dataset).
 
@@ -35,9 +36,12 @@ def translation_loss(
     float64; the LM head runs only at target positions unless ``label_only=False``
     (or the family needs the standard path, see :mod:`layerselect.loss`).
     ``progress`` draws a bar labelled ``desc`` on stderr (plain lines when stderr is
-    not a terminal).
+    not a terminal). ``precision``: ``"fp32"`` (default: comparable across machines),
+    ``"bf16"`` autocast, or ``"auto"`` (bf16 where the hardware is fast at it; see
+    :mod:`layerselect.precision`); the sums stay float64 either way.
     """
     from ..loss import label_only_loss
+    from ..precision import autocast, model_dtype
 
     ds = build_train_dataset(data, tokenizer, max_length)
     collator = TranslationCollator.for_tokenizer(tokenizer)
@@ -45,7 +49,8 @@ def translation_loss(
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    with progress_bar(total=len(ds), desc=desc, unit="pair", disable=not progress) as bar:
+    with progress_bar(total=len(ds), desc=desc, unit="pair", disable=not progress) as bar, \
+            autocast(precision, device, model_dtype(model)):
         for i in range(0, len(ds), batch_size):
             batch = collator([ds[j] for j in range(i, min(i + batch_size, len(ds)))])
             batch = {k: v.to(device) for k, v in batch.items()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -21,7 +22,29 @@ from transformers import TrainerCallback
 from .._progress import format_log, format_value
 from .._progress import progress as progress_bar
 
-__all__ = ["TrainerLogCallback", "save_loss_log"]
+__all__ = ["StepTimeCallback", "TrainerLogCallback", "save_loss_log"]
+
+
+class StepTimeCallback(TrainerCallback):
+    """Wall and process-CPU seconds of each optimizer step (forward, backward, clipping, update).
+
+    :func:`~layerselect.train.train_model` installs one and records its lists in
+    ``train_summary.json`` (``step_seconds``, ``step_cpu_seconds``).
+    """
+
+    def __init__(self) -> None:
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self._started: tuple[float, float] | None = None
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._started = (time.perf_counter(), time.process_time())
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._started is not None:
+            self.wall.append(time.perf_counter() - self._started[0])
+            self.cpu.append(time.process_time() - self._started[1])
+            self._started = None
 
 
 class TrainerLogCallback(TrainerCallback):
