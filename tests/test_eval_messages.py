@@ -14,7 +14,7 @@ from layerselect.errors import FormatError, InvalidInputError
 from layerselect.eval import rescore
 
 SRC = Path(layerselect.__file__).parent
-LIBRARY_MODULES = sorted((SRC / "eval").glob("*.py")) + [SRC / "texts.py", SRC / "_batching.py"]
+LIBRARY_MODULES = sorted((SRC / "eval").glob("*.py")) + [SRC / "texts.py", SRC / "_running.py"]
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z-]+")
 
 

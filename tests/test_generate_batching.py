@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerselect._batching import pad_batch
+from layerselect._running import pad_batch
 from layerselect.errors import InvalidInputError
 from layerselect.eval import DEFAULT_STOP, TransformersGenerator, build_prompt, truncate_at_stop
 from tiny import tiny_model, tiny_tokenizer
@@ -69,3 +69,32 @@ def test_stop_strings_stop_early_and_the_text_is_cut_before_them(tiny):
 def test_default_stop_cuts_a_new_instruction_block():
     text = " 9 * 2 = 18. The answer is 18.\n\n### Instruction:\nWrite a poem"
     assert truncate_at_stop(text, DEFAULT_STOP) == " 9 * 2 = 18. The answer is 18."
+
+
+def test_pad_token_id_falls_back_to_eos_then_zero_or_refuses():
+    from types import SimpleNamespace
+
+    from layerselect._running import pad_token_id
+    from layerselect.errors import InvalidInputError
+
+    assert pad_token_id(SimpleNamespace(pad_token_id=5, eos_token_id=2)) == 5
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=2)) == 2
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=None)) == 0
+    with pytest.raises(InvalidInputError, match="neither a pad nor an EOS"):
+        pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=None), required=True)
+
+
+def test_eval_mode_restores_the_training_flag_even_on_an_error():
+    import torch
+
+    from layerselect._running import eval_mode
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5)).train()
+    with pytest.raises(RuntimeError), eval_mode(model):
+        assert not model.training and not model[1].training
+        raise RuntimeError("boom")
+    assert model.training and model[1].training
+    frozen = torch.nn.Linear(2, 2).eval()
+    with eval_mode(frozen):
+        pass
+    assert not frozen.training  # a model in eval mode stays there

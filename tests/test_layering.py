@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "layerselect"
 # docs/architecture.md draws the same map.
 STAGE = {
     # foundations: shared by every stage
-    "errors": 0, "_io": 0, "_progress": 0, "_batching": 0, "_dist": 0, "arch": 0, "loss": 0,
+    "errors": 0, "_io": 0, "_progress": 0, "_running": 0, "_dist": 0, "arch": 0, "loss": 0,
     "texts": 0, "models": 0, "resources": 0, "precision": 0, "_version": 0,
     "stats": 1,
     "selection": 2, "criteria": 2,

@@ -59,6 +59,7 @@ def last_token_states(
         >>> states[0].shape, langs                                                # doctest: +SKIP
         (torch.Size([1, 640]), ['en'])
     """
+    from ._running import eval_mode, pad_batch, pad_token_id
     from .arch import get_layout, unwrap_model
     from .precision import autocast, model_dtype
 
@@ -72,29 +73,18 @@ def last_token_states(
     if not flat:
         raise InvalidInputError("no texts to encode")
     device = next(base.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(tokenizer)
     rows: dict[int, list[torch.Tensor]] = {layer: [None] * len(flat) for layer in layers}  # type: ignore[list-item]
-    was_training = base.training
-    base.eval()
-    try:
-        with autocast(precision, device, model_dtype(base)):
-            for s in range(0, len(flat), batch_size):
-                enc = [tokenizer(t, add_special_tokens=True)["input_ids"] for _, t in flat[s : s + batch_size]]
-                width = max(len(e) for e in enc)
-                ids = torch.full((len(enc), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(enc), width), dtype=torch.long)
-                for r, e in enumerate(enc):
-                    ids[r, : len(e)] = torch.tensor(e)
-                    mask[r, : len(e)] = 1
-                hs = base(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True).hidden_states
-                last = torch.tensor([len(e) - 1 for e in enc])
-                for layer in layers:
-                    h = hs[layer + 1][torch.arange(len(enc)), last.to(hs[0].device)]
-                    for r in range(len(enc)):
-                        rows[layer][s + r] = h[r].double().cpu()
-    finally:
-        if was_training:
-            base.train()
+    with eval_mode(base), autocast(precision, device, model_dtype(base)):
+        for s in range(0, len(flat), batch_size):
+            enc = [tokenizer(t, add_special_tokens=True)["input_ids"] for _, t in flat[s : s + batch_size]]
+            ids, mask = pad_batch(enc, pad, padding_side="right")
+            hs = base(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True).hidden_states
+            last = torch.tensor([len(e) - 1 for e in enc])
+            for layer in layers:
+                h = hs[layer + 1][torch.arange(len(enc)), last.to(hs[0].device)]
+                for r in range(len(enc)):
+                    rows[layer][s + r] = h[r].double().cpu()
     out = {layer: torch.stack(rows[layer]) for layer in layers}
     return out, [lang for lang, _ in flat]
 

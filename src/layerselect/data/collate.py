@@ -46,7 +46,6 @@ class TranslationCollator:
     @classmethod
     def for_tokenizer(cls, tokenizer: Any, **kwargs: Any) -> TranslationCollator:
         """Pad with the tokenizer's pad token, else its EOS (else 0); always on the right."""
-        pad = tokenizer.pad_token_id
-        if pad is None:
-            pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-        return cls(pad_token_id=pad, **kwargs)
+        from .._running import pad_token_id
+
+        return cls(pad_token_id=pad_token_id(tokenizer), **kwargs)

@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._batching import pad_batch
 from .._progress import progress as progress_bar
+from .._running import eval_mode, pad_batch, pad_token_id
 from ..errors import FormatError, InvalidInputError
 from ..precision import autocast, model_dtype, resolve_precision
 from .generate import PROMPT_TEMPLATE, build_prompt
@@ -268,22 +268,13 @@ def _score_langs(
     precision: str = "fp32",
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Per-question NLL sums and target counts of every language, in eval mode (restored after)."""
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
+    pad_id = pad_token_id(tokenizer)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, np.ndarray] = {}
-    try:
-        with autocast(precision, _device(model)):
-            for lang in questions:
-                items = [gap_item(tokenizer, q, s, prompt) for q, s in zip(questions[lang], solutions)]
-                sums[lang], counts[lang] = _score(model, items, batch_size, int(pad_id), lang if verbose else "")
-    finally:
-        if was_training:
-            model.train()
+    with eval_mode(model), autocast(precision, _device(model)):
+        for lang in questions:
+            items = [gap_item(tokenizer, q, s, prompt) for q, s in zip(questions[lang], solutions)]
+            sums[lang], counts[lang] = _score(model, items, batch_size, pad_id, lang if verbose else "")
     return sums, counts
 
 

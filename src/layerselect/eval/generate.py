@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .._batching import pad_batch
+from .._running import pad_batch, pad_token_id
 from ..errors import InvalidInputError
 from ..precision import autocast, model_dtype, resolve_precision
 
@@ -119,12 +119,7 @@ class TransformersGenerator:
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.stop = tuple(stop)
-        pad = tokenizer.pad_token_id
-        if pad is None:
-            pad = tokenizer.eos_token_id
-        if pad is None:
-            raise InvalidInputError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
-        self.pad_token_id = int(pad)
+        self.pad_token_id = pad_token_id(tokenizer, required=True)
         self.precision = resolve_precision(precision, self._device(), model_dtype(model))
 
     def _device(self) -> torch.device:

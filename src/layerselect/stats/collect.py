@@ -11,20 +11,19 @@ NaN/inf activations on real tokens are checked once per batch.
 
 from __future__ import annotations
 
-import contextlib
 import time
 import uuid
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._batching import pad_batch
 from .._dist import is_distributed, is_sharded, rank, world_size
 from .._progress import progress as progress_bar
+from .._running import eval_mode, pad_batch, pad_token_id
 from ..arch import get_layout, unwrap_model
 from ..errors import InvalidInputError, NumericalError
 from ..precision import autocast, model_dtype
@@ -91,17 +90,6 @@ def _warn_if_too_long(model: nn.Module, samples: Sequence[_Sample]) -> None:
             "was not trained on. Pass max_length to truncate them.",
             stacklevel=3,
         )
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model.eval()`` for the block; the training flag is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _dist_info() -> tuple[int, int]:
@@ -199,15 +187,13 @@ def _trace_batches(
     Returns the per-sample counts ``[S, L, N]`` when ``per_sample`` (else None);
     NaN/inf activations on real tokens raise NumericalError after their batch.
     """
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    if pad_id is None:
-        pad_id = getattr(tokenizer, "eos_token_id", None) or 0
+    pad_id = pad_token_id(tokenizer)
     input_device = unwrap_model(model).get_input_embeddings().weight.device
     base_dtype = next(unwrap_model(model).parameters()).dtype
     sample_counts = _sample_count_buffer(samples, len(trace.layer_ids), trace.num_neurons) if per_sample else None
     total_tokens = sum(len(samples[s].ids) for b in my_batches for s in b)
     bar = progress_bar(total=total_tokens, unit="tok", desc="collect", disable=not show_progress)
-    with _eval_mode(model), torch.inference_mode(), trace, bar:
+    with eval_mode(model), torch.inference_mode(), trace, bar:
         for step, batch in enumerate(padded):
             ids, mask = pad_batch([samples[s].ids for s in batch], pad_id, padding_side)
             extra = {}

@@ -40,17 +40,16 @@ def translation_loss(
     ``"bf16"`` autocast, or ``"auto"`` (bf16 where the hardware is fast at it; see
     :mod:`layerselect.precision`); the sums stay float64 either way.
     """
+    from .._running import eval_mode
     from ..loss import label_only_loss
     from ..precision import autocast, model_dtype
 
     ds = build_train_dataset(data, tokenizer, max_length)
     collator = TranslationCollator.for_tokenizer(tokenizer)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
     with progress_bar(total=len(ds), desc=desc, unit="pair", disable=not progress) as bar, \
-            autocast(precision, device, model_dtype(model)):
+            eval_mode(model), autocast(precision, device, model_dtype(model)):
         for i in range(0, len(ds), batch_size):
             batch = collator([ds[j] for j in range(i, min(i + batch_size, len(ds)))])
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -59,5 +58,4 @@ def translation_loss(
             total += float(out.nll_sum.sum())
             count += int(out.token_count.sum())
             bar.update(min(batch_size, len(ds) - i))
-    model.train(was_training)
     return total / max(count, 1)
