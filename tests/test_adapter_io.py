@@ -114,8 +114,10 @@ def test_adapter_config_records_provenance(tmp_path):
     meta = json.loads((path / "layerselect_adapter.json").read_text())
     assert meta["format_version"] == adapter_io.ADAPTER_FORMAT_VERSION
     assert meta["library_version"] == __version__
-    assert meta["base_model_name_or_path"] == "my/base"
-    assert meta["layers"] == [0, 2] and meta["target_modules"] == ["up", "down"]
+    # format 3: the config under its own key, apart from the file's metadata
+    assert meta["config"]["base_model_name_or_path"] == "my/base"
+    assert meta["config"]["layers"] == [0, 2] and meta["config"]["target_modules"] == ["up", "down"]
+    assert "layers" not in meta
     base = meta["base_model"]
     assert base["num_layers"] == 4 and base["model_type"] == "llama"
     assert set(base["fingerprint"]["tensors"]) == set(meta["tensors"]) == set(model.target_names)

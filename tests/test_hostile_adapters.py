@@ -102,9 +102,38 @@ def test_tensors_outside_the_config_are_refused_everywhere(adapter, change, entr
 
 
 def test_a_declared_layer_without_tensors_is_refused(adapter):
-    _rewrite(adapter, change_meta=lambda m: m.update(layers=[1, 2]))
+    _rewrite(adapter, change_meta=lambda m: m["config"].update(layers=[1, 2]))
     with pytest.raises(FormatError, match=r"no tensors for layers \[2\]"):
         load_deltas(tiny_model("llama", dtype=torch.float32), adapter)
+
+
+def test_an_unknown_config_key_is_refused_by_name(adapter):
+    # a typo, or a field of a newer layerselect: never silently dropped
+    _rewrite(adapter, change_meta=lambda m: m["config"].update(target_module=["up"]))
+    with pytest.raises(FormatError, match=r"no field 'target_module'.*newer"):
+        load_deltas(tiny_model("llama", dtype=torch.float32), adapter)
+
+
+def test_a_format_3_file_without_its_config_is_refused(adapter):
+    _rewrite(adapter, change_meta=lambda m: m.pop("config"))
+    with pytest.raises(FormatError, match="must be a JSON object"):
+        load_deltas(tiny_model("llama", dtype=torch.float32), adapter)
+
+
+def test_a_format_2_folder_with_the_config_among_the_metadata_still_loads(adapter):
+    from layerselect.selective_ffn import SelectiveFFNConfig
+
+    want = load_deltas(tiny_model("llama", dtype=torch.float32), adapter)
+
+    def to_format_2(meta):
+        meta.update(meta.pop("config"), format_version=2)
+
+    _rewrite(adapter, change_meta=to_format_2)
+    got = load_deltas(tiny_model("llama", dtype=torch.float32), adapter)
+    assert got.config == want.config and got.meta["format_version"] == 2
+    new, old = want.load_tensors(), got.load_tensors()
+    assert set(new) == set(old) and all(torch.equal(new[k], old[k]) for k in new)
+    assert SelectiveFFNConfig.from_json_file(adapter).layers == [1]
 
 
 @pytest.mark.parametrize("name", ["/etc/hostname", "../outside.safetensors", "sub/x.safetensors", "..", 7],

@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 FORMAT_NAME = "layerselect.selective_ffn"
-ADAPTER_FORMAT_VERSION = 2
+ADAPTER_FORMAT_VERSION = 3
 # Own file names, not PEFT's: tools that detect a PEFT adapter by ``adapter_config.json``
 # (transformers' from_pretrained, vLLM, peft) would otherwise try to load it as one.
 CONFIG_NAME = "layerselect_adapter.json"
@@ -152,9 +152,15 @@ def _read_config(directory: Path, names: tuple[str, str, str]) -> tuple[dict[str
             f"folders name it {CONFIG_NAME if version >= 2 else LEGACY_NAMES[0]}"
         )
     try:
-        config = SelectiveFFNConfig.from_dict(meta)
+        if version >= 3:  # the config under its own key, checked strictly: a typo is an error
+            config = SelectiveFFNConfig.from_dict(meta.get("config"))
+        else:  # formats 1-2 spread the config among the file's metadata
+            config = SelectiveFFNConfig.from_dict(
+                {k: v for k, v in meta.items() if k in SelectiveFFNConfig.field_names()})
     except (TypeError, ValueError) as exc:
         raise FormatError(f"{cfg_path}: invalid config ({exc})") from None
+    except FormatError as exc:
+        raise FormatError(f"{cfg_path}: {exc}") from None
     return meta, config
 
 

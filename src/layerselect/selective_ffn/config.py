@@ -215,25 +215,52 @@ class SelectiveFFNConfig:
         return asdict(self)
 
     @classmethod
+    def field_names(cls) -> frozenset[str]:
+        """The keys :meth:`to_dict` writes and :meth:`from_dict` accepts."""
+        return frozenset(f.name for f in fields(cls))
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SelectiveFFNConfig:
-        """Build from :meth:`to_dict` output (extra keys, e.g. adapter metadata, are ignored)."""
+        """Build from :meth:`to_dict` output; an unknown key is refused by name (a typo, or a newer file).
+
+        Example:
+            >>> SelectiveFFNConfig.from_dict({"layers": [0], "target_module": ["up"]})
+            Traceback (most recent call last):
+            ...
+            layerselect.errors.FormatError: SelectiveFFNConfig has no field 'target_module' ...
+        """
         if not isinstance(data, Mapping):
             raise FormatError(f"a SelectiveFFNConfig must be a JSON object, got {type(data).__name__}")
-        names = {f.name for f in fields(cls)}
+        unknown = sorted(str(k) for k in data if k not in cls.field_names())
+        if unknown:
+            raise FormatError(
+                f"SelectiveFFNConfig has no field {unknown[0]!r}" + (f" (nor {unknown[1:]})" if unknown[1:] else "")
+                + f"; it knows {sorted(cls.field_names())}. A typo, or a config written by a newer "
+                "layerselect: upgrade it to read this one"
+            )
         if "layers" not in data:
             raise FormatError("SelectiveFFNConfig JSON has no 'layers' entry")
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return cls(**dict(data))
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike[str]) -> SelectiveFFNConfig:
-        """Read a config (or a whole ``layerselect_adapter.json``; format-1 ``adapter_config.json`` too)."""
+        """Read a config: its own JSON, or an adapter's (a folder or its ``layerselect_adapter.json``).
+
+        Adapter format 3 nests the config under ``"config"``; formats 1-2 spread it among
+        the file's metadata (format 1 named the file ``adapter_config.json``).
+        """
         path = Path(path)
         if path.is_dir():
             new, legacy = path / "layerselect_adapter.json", path / "adapter_config.json"
             path = legacy if not new.is_file() and legacy.is_file() else new
         if not path.is_file():
             raise FormatError(f"no adapter config at {path}")
-        return cls.from_dict(read_json(path, "the adapter config"))
+        data = read_json(path, "the adapter config")
+        if isinstance(data, Mapping) and data.get("format") == "layerselect.selective_ffn":  # adapter_file.FORMAT_NAME
+            if isinstance(data.get("format_version"), int) and data["format_version"] >= 3:
+                return cls.from_dict(data.get("config"))
+            return cls.from_dict({k: v for k, v in data.items() if k in cls.field_names()})
+        return cls.from_dict(data)

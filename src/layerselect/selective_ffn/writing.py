@@ -71,7 +71,7 @@ def _adapter_meta(
         "format_version": ADAPTER_FORMAT_VERSION,
         "library": "layerselect",
         "library_version": __version__,
-        **config.to_dict(),
+        "config": config.to_dict(),
         "base_model": {
             **dict(base_info),
             "fingerprint": {
