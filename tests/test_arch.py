@@ -89,12 +89,8 @@ def test_check_layers():
         layout.check_layers([1.0])
 
 
-def test_the_01_names_still_resolve_with_a_deprecation_warning():
+def test_the_names_of_an_unreleased_draft_are_gone():
     import layerselect.arch as arch
 
-    with pytest.warns(DeprecationWarning, match="renamed get_layout"):
-        assert arch.get_adapter is arch.get_layout
-    with pytest.warns(DeprecationWarning, match="renamed ModelLayout"):
-        assert arch.ModelAdapter is arch.ModelLayout
-    with pytest.raises(AttributeError):
-        arch.no_such_name  # noqa: B018
+    for old in ("get_adapter", "ModelAdapter"):  # get_layout / ModelLayout; no release ever had them
+        assert not hasattr(arch, old)

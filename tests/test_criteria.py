@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from _selection_helpers import hand_stats
-from layerselect.criteria import (
+from layerselect.errors import FormatError, InvalidInputError
+from layerselect.selection import (
     CRITERIA,
     Selection,
     bootstrap_sample_weights,
@@ -20,7 +21,6 @@ from layerselect.criteria import (
     select,
     stability,
 )
-from layerselect.errors import FormatError, InvalidInputError
 from layerselect.stats import ActivationStats
 from tiny import tiny_model, tiny_texts, tiny_tokenizer
 
@@ -306,9 +306,9 @@ def test_register_criterion_decorator_and_call():
 
 
 def test_module_function_criterion_name():
-    spec = get_criterion("layerselect.criteria:first_n_criterion")
+    spec = get_criterion("layerselect.selection.baselines:first_n_criterion")
     assert spec.name == "first_n"  # registered under its own name
-    spec = get_criterion("layerselect.criteria:layer_scores")  # not registered: used as is
+    spec = get_criterion("layerselect.selection:layer_scores")  # not registered: used as is
     assert spec.name == "layer_scores" and "layer_scores" not in CRITERIA
 
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from _selection_helpers import hand_stats
-from layerselect.criteria import select
+from layerselect.selection import select
 
 GROUPS = ["en", "de", "fr", "sw"]
 

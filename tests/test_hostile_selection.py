@@ -11,8 +11,8 @@ from _hostile import Injected, assert_error, fail_at, snapshot
 from _selection_helpers import hand_stats
 from layerselect import Selection, select
 from layerselect.cli import main
-from layerselect.criteria import CRITERIA
 from layerselect.errors import FormatError, InvalidInputError
+from layerselect.selection import CRITERIA
 from tiny import tiny_model
 
 

@@ -19,7 +19,7 @@ STAGE = {
     "errors": 0, "_io": 0, "_progress": 0, "_running": 0, "_dist": 0, "arch": 0, "loss": 0,
     "texts": 0, "models": 0, "resources": 0, "precision": 0, "_version": 0,
     "stats": 1,
-    "selection": 2, "criteria": 2,
+    "selection": 2,
     "selective_ffn": 3,
     "data": 4, "train": 4,
     "distributed": 5, "eval": 5,

@@ -6,7 +6,6 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from layerselect.criteria import select
 from layerselect.errors import InvalidInputError
 from layerselect.plots import (
     plot_activation_ratio,
@@ -15,6 +14,7 @@ from layerselect.plots import (
     plot_overlap_comparison,
     plot_selection,
 )
+from layerselect.selection import select
 from layerselect.stats import ActivationStats
 from tiny import tiny_model, tiny_texts, tiny_tokenizer
 

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from layerselect.cli import main
-from layerselect.criteria import CRITERIA, Selection, select
+from layerselect.selection import CRITERIA, Selection, select
 from layerselect.stats import ActivationStats
 from tiny import tiny_model, tiny_texts, tiny_tokenizer
 
@@ -59,7 +59,7 @@ def test_select_params_and_other_criteria(stats_dir, tmp_path, capsys):
 
 def test_user_criterion_from_imported_module(stats_dir, tmp_path, monkeypatch, capsys):
     (tmp_path / "my_rules.py").write_text(textwrap.dedent('''
-        from layerselect import criteria
+        from layerselect import selection as criteria
 
         @criteria.register_criterion("_cli_lowest")
         def lowest(stats, n=1):

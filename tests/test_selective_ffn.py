@@ -60,7 +60,7 @@ def test_config_fields_carry_help_and_the_saved_json_keeps_its_keys():
 
 
 class _FakeSelection:
-    """Shaped like layerselect.criteria.Selection (not imported on purpose)."""
+    """Shaped like layerselect.selection.Selection (not imported on purpose)."""
 
     def __init__(self):
         self.layers = [1, 0]
@@ -148,12 +148,11 @@ def test_only_targeted_matrices_train_even_with_weight_decay():
     assert changed == expected
 
 
-def test_wrapped_model_is_model_and_base_model_is_deprecated():
+def test_wrapped_model_is_model_and_old_state_dicts_still_load():
     base = tiny_model("llama", dtype=torch.float32)
     slam = get_slam_model(base, SelectiveFFNConfig(layers=[1]))
     assert slam.model is base and slam.get_base_model() is base
-    with pytest.warns(DeprecationWarning, match=r"use SelectiveFFNModel\.model or get_base_model\(\)"):
-        assert slam.base_model is base
+    assert slam.base_model is base.model  # transformers' meaning (the trunk), forwarded; no alias of ours
     # state dicts keyed the old way (base_model.<name>) still load into the wrapper
     with torch.no_grad():
         base.model.layers[1].mlp.up_proj.weight.add_(1.0)

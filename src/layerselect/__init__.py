@@ -18,7 +18,6 @@ Example:
 from __future__ import annotations
 
 import importlib as _importlib
-import warnings as _warnings
 from typing import Any as _Any
 
 from ._version import __version__
@@ -49,22 +48,6 @@ _LAZY = {
 from .eval import evaluate  # noqa: E402
 
 # isort: on
-
-# Names that used to be at the top level: still resolved (with a DeprecationWarning) so old
-# code keeps running, but no longer part of the public surface; import them from their module.
-_MOVED = {
-    "Overlap": "layerselect.stats",
-    "Stability": "layerselect.selection",
-    "get_criterion": "layerselect.selection",
-    "list_criteria": "layerselect.selection",
-    "layer_scores": "layerselect.selection",
-    "load_deltas": "layerselect.selective_ffn",
-    "TranslationExample": "layerselect.data",
-    "UnsupportedArchitectureError": "layerselect.errors",
-    "IncompatibleStatsError": "layerselect.errors",
-    "BaseModelMismatchError": "layerselect.errors",
-    "NumericalError": "layerselect.errors",
-}
 
 __all__ = [
     "__version__",
@@ -97,14 +80,6 @@ def __getattr__(name: str) -> _Any:
         value = getattr(_importlib.import_module(_LAZY[name]), name)
         globals()[name] = value  # later lookups skip this function
         return value
-    if name in _MOVED:
-        _warnings.warn(
-            f"layerselect.{name} moved: import it from {_MOVED[name]} "
-            f"(from {_MOVED[name]} import {name})",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(_importlib.import_module(_MOVED[name]), name)
     raise AttributeError(f"module 'layerselect' has no attribute {name!r}")
 
 

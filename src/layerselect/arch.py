@@ -452,16 +452,3 @@ def get_layout(model: nn.Module) -> ModelLayout:
     else:
         family = model_type
     return ModelLayout(model, family, spec, where)
-
-
-# 0.1 names: "adapter" now only means the delta files, so the layout side was renamed.
-_RENAMED = {"ModelAdapter": "ModelLayout", "get_adapter": "get_layout"}
-
-
-def __getattr__(name: str) -> object:
-    if name in _RENAMED:
-        import warnings
-
-        warnings.warn(f"layerselect.arch.{name} was renamed {_RENAMED[name]}", DeprecationWarning, stacklevel=2)
-        return globals()[_RENAMED[name]]
-    raise AttributeError(f"module 'layerselect.arch' has no attribute {name!r}")

@@ -103,8 +103,8 @@ def run_representations(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..criteria import Selection
     from ..errors import InvalidInputError
+    from ..selection import Selection
 
     if args.representations:
         return run_representations(args)

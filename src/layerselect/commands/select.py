@@ -84,7 +84,7 @@ def layer_table(stats: Any, selection: Any, reference: str = "en") -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..criteria import get_criterion, select
+    from ..selection import get_criterion, select
     from ..stats import ActivationStats
 
     for module in args.imports:

@@ -70,7 +70,7 @@ def _resolve_layers(args: argparse.Namespace, model: Any, tokenizer: Any, out: P
 
     layout = get_layout(model)
     if args.selection:
-        from ..criteria import Selection
+        from ..selection import Selection
 
         path = Path(args.selection)
         selection = Selection.load(path / "selection.json" if path.is_dir() else path)
@@ -80,7 +80,7 @@ def _resolve_layers(args: argparse.Namespace, model: Any, tokenizer: Any, out: P
         if not layers:
             raise InvalidInputError(f"layer spec {args.layers!r} names no layer")
         return layout.check_layers(layers), None
-    from ..criteria import select
+    from ..selection import select
 
     if not args.analysis_data:
         if args.criterion == "snr":  # data-free

@@ -13,7 +13,7 @@ See ``docs/adapters.md`` for the file format and distributed-training settings.
 from __future__ import annotations
 
 from .config import DELTA_DTYPES, SelectiveFFNConfig
-from .io import ADAPTER_FORMAT_VERSION, FORMAT_VERSION, load_deltas, read_adapter
+from .io import ADAPTER_FORMAT_VERSION, load_deltas, read_adapter
 from .lora import LoraExport, export_lora
 from .merge import merge_checkpoint
 from .model import SelectiveFFNModel, get_slam_model
@@ -29,5 +29,4 @@ __all__ = [
     "read_adapter",
     "DELTA_DTYPES",
     "ADAPTER_FORMAT_VERSION",
-    "FORMAT_VERSION",  # the earlier name of ADAPTER_FORMAT_VERSION
 ]

@@ -133,7 +133,7 @@ class SelectiveFFNConfig:
 
     Args:
         layers: decoder-layer indices, or any object with a ``.layers`` attribute
-            (e.g. a :class:`layerselect.criteria.Selection`); in the latter case its
+            (e.g. a :class:`layerselect.selection.Selection`); in the latter case its
             criterion, scores and explanation are kept in ``selection`` as provenance.
         target_modules: matrices to train, as roles (``"gate"``, ``"up"``,
             ``"down"``; attention ``"q"``, ``"k"``, ``"v"``, ``"o"``), family names

@@ -87,7 +87,6 @@ from .writing import write_adapter
 __all__ = [
     "FORMAT_NAME",
     "ADAPTER_FORMAT_VERSION",
-    "FORMAT_VERSION",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "PATCHES_NAME",
@@ -120,10 +119,6 @@ __all__ = [
     "sha256_file",
     "write_adapter",
 ]
-
-#: The adapter format version's earlier name, still exported by ``layerselect.selective_ffn``.
-FORMAT_VERSION = ADAPTER_FORMAT_VERSION
-
 
 def named_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The parameters of the transformers model inside ``model`` (any wrapper removed), by name."""

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -130,20 +129,6 @@ class SelectiveFFNModel(nn.Module):
             >>> slam.get_base_model() is slam.model   # doctest: +SKIP
             True
         """
-        return self.model
-
-    @property
-    def base_model(self) -> nn.Module:
-        """Deprecated: the wrapped model is :attr:`model` (or :meth:`get_base_model`).
-
-        In PEFT ``PeftModel.base_model`` is the tuner and in transformers
-        ``model.base_model`` is the trunk without the head; the name misled.
-        """
-        warnings.warn(
-            "SelectiveFFNModel.base_model is deprecated; use SelectiveFFNModel.model or get_base_model()",
-            DeprecationWarning,
-            stacklevel=2,
-        )
         return self.model
 
     def forward(

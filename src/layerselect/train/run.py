@@ -236,11 +236,8 @@ def _training_module(slam: Any) -> torch.nn.Module:
 
     if isinstance(slam, PreTrainedModel) or hasattr(slam, "peft_config"):
         return slam  # a PEFT model trains as itself, as with plain Trainer
-    for attr in ("model", "base_model"):
-        inner = getattr(slam, attr, None)
-        if isinstance(inner, PreTrainedModel):
-            return inner
-    return slam
+    inner = getattr(slam, "model", None)  # a SelectiveFFNModel trains its wrapped model
+    return inner if isinstance(inner, PreTrainedModel) else slam
 
 
 def _build_trainer(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, training_args: Any, *,
