@@ -172,7 +172,7 @@ def test_nan_overlap_is_refused():
 
 
 def test_nan_user_scores_are_refused():
-    def nan_rule(stats):
+    def nan_rule(stats, *, model=None):
         return Selection(layers=[0], scores={0: float("nan")})
 
     with pytest.raises(InvalidInputError, match="NaN scores"):
@@ -276,16 +276,16 @@ def test_snr_hand_derived():
 
 def test_register_criterion_decorator_and_call():
     @register_criterion
-    def _lowest_two(stats):
+    def _lowest_two(stats, *, model=None):
         return sorted(stats.layers)[:2]
 
     @register_criterion("_highest_msd")
-    def whatever(stats, k: int = 1):
+    def whatever(stats, *, model=None, k: int = 1):
         scores = {layer: float(v) for layer, v in zip(stats.layers, stats.msd())}
         best = sorted(scores, key=lambda layer: -scores[layer])[:k]
         return Selection(layers=best, scores=scores, reason="highest MSD")
 
-    def plain(stats):
+    def plain(stats, *, model=None):
         return [1]
 
     register_criterion("_plain", plain)
@@ -297,9 +297,9 @@ def test_register_criterion_decorator_and_call():
         assert select(stats, "_plain").layers == [1]
         assert {"_lowest_two", "_highest_msd", "_plain"} <= set(list_criteria())
         with pytest.raises(InvalidInputError, match="already registered"):
-            register_criterion("_plain", lambda stats: [0])
+            register_criterion("_plain", lambda stats, *, model=None: [0])
         with pytest.raises(InvalidInputError, match="not in the statistics"):
-            select(stats, lambda stats: [42])
+            select(stats, lambda stats, *, model=None: [42])
     finally:
         for name in ("_lowest_two", "_highest_msd", "_plain"):
             CRITERIA.pop(name, None)
@@ -308,8 +308,34 @@ def test_register_criterion_decorator_and_call():
 def test_module_function_criterion_name():
     spec = get_criterion("layerselect.selection.baselines:first_n_criterion")
     assert spec.name == "first_n"  # registered under its own name
-    spec = get_criterion("layerselect.selection:layer_scores")  # not registered: used as is
-    assert spec.name == "layer_scores" and "layer_scores" not in CRITERIA
+    # a function that is not a criterion is refused by its signature, not guessed at
+    with pytest.raises(InvalidInputError, match=r"must be f\(stats, \*, model=None, \*\*params\)"):
+        get_criterion("layerselect.selection:layer_scores")
+    assert "layer_scores" not in CRITERIA
+
+
+@pytest.mark.parametrize("rule", [
+    lambda stats: [0],                       # no model keyword
+    lambda stats, model=None: [0],           # model positional: f(stats, model) would be ambiguous
+    lambda data, *, model=None: [0],         # the statistics under another name
+    lambda *, model: [0],                    # no statistics at all
+], ids=["no-model", "positional-model", "other-name", "model-only"])
+def test_one_criterion_signature_anything_else_is_refused_by_name(rule):
+    with pytest.raises(InvalidInputError, match=r"has the signature .*must be f\(stats, \*, model=None"):
+        register_criterion("_odd", rule)
+    assert "_odd" not in CRITERIA
+
+
+def test_required_inputs_come_from_the_defaults():
+    def needs_model(stats=None, *, model, k=1):
+        return [0]
+
+    spec = get_criterion(needs_model)
+    assert spec.required == frozenset({"model"})
+    with pytest.raises(InvalidInputError, match="needs the model"):
+        select(main_stats(), needs_model)
+    assert get_criterion("msd").required == frozenset({"stats"})
+    assert get_criterion("snr").required == frozenset({"model"})
 
 
 # ------------------------------------------------------------------------- JSON

@@ -30,7 +30,7 @@ def evil_module(tmp_path, monkeypatch):
     marker = tmp_path / "imported.marker"
     (tmp_path / "evil_criterion_mod.py").write_text(
         f"import pathlib\npathlib.Path({str(marker)!r}).write_text('pwned')\n"
-        "def rule(stats):\n    return [0]\n"
+        "def rule(stats, *, model=None):\n    return [0]\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     yield marker
@@ -92,7 +92,7 @@ def test_selection_file_that_is_not_json_names_the_file(tmp_path):
     ids=["float", "duplicate", "out-of-range", "negative", "string"],
 )
 def test_criterion_output_is_validated_in_select(stats, returned, words):
-    def bad_rule(stats):
+    def bad_rule(stats, *, model=None):
         return returned
 
     with pytest.raises(InvalidInputError) as exc:
@@ -101,7 +101,7 @@ def test_criterion_output_is_validated_in_select(stats, returned, words):
 
 
 def test_criterion_layer_beyond_the_model_is_refused():
-    def too_high(model):
+    def too_high(stats=None, *, model):
         return [0, 9]
 
     with pytest.raises(InvalidInputError) as exc:
@@ -125,7 +125,7 @@ def test_a_module_function_that_is_not_a_criterion_is_clear_on_the_cli(tmp_path,
     stats.save(tmp_path / "stats")
     rc = main(["select", str(tmp_path / "stats"), "--criterion", "json:dumps"])
     err = capsys.readouterr().err
-    assert rc == 2 and "'dumps'" in err and "layer-selection criterion" in err and "Traceback" not in err
+    assert rc == 2 and "'dumps'" in err and "must be f(stats, *, model=None" in err and "Traceback" not in err
     assert "dumps" not in CRITERIA
 
 

@@ -62,10 +62,10 @@ def test_user_criterion_from_imported_module(stats_dir, tmp_path, monkeypatch, c
         from layerselect import selection as criteria
 
         @criteria.register_criterion("_cli_lowest")
-        def lowest(stats, n=1):
+        def lowest(stats, *, model=None, n=1):
             return sorted(stats.layers)[:n]
 
-        def top_layer(stats):
+        def top_layer(stats, *, model=None):
             return [max(stats.layers)]
     '''))
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -102,3 +102,16 @@ def test_select_reference_flag_reaches_the_msd_rule(tmp_path, capsys):
     assert main(["select", str(tmp_path / "s"), "--reference", "de", "--out", str(tmp_path / "sel.json")]) == 0
     assert json.loads((tmp_path / "sel.json").read_text())["params"]["reference"] == "de"
     assert "with 'de'" in capsys.readouterr().out
+
+
+def test_a_weight_criterion_never_loads_the_model_a_stats_file_names(stats_dir, capsys, monkeypatch):
+    """`select --criterion snr` without --model: the path inside stats.json is data, never loaded."""
+    import layerselect.models
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded because a data file named it")
+
+    monkeypatch.setattr(layerselect.models, "load_model", no_load)
+    assert main(["select", str(stats_dir), "--criterion", "snr"]) == 2
+    err = capsys.readouterr().err
+    assert "reads the model's weights: pass --model" in err and "Traceback" not in err

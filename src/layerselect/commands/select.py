@@ -102,10 +102,16 @@ def run(args: argparse.Namespace) -> int:
     if stats is None and "stats" in spec.required:
         raise InvalidInputError(f"criterion {spec.name!r} needs STATS_DIR (from `layerselect analyze`)")
     model, name = None, None
-    if "model" in spec.takes and ("model" in spec.required or args.model):
-        name = args.model or (stats.model_name if stats is not None else None)
+    if "model" in spec.required or args.model:
+        # Only the user names the model to load: a path recorded inside stats.json is data, and
+        # data never decides what gets loaded.
+        name = args.model
         if not name:
-            raise InvalidInputError(f"criterion {spec.name!r} needs --model")
+            recorded = stats.model_name if stats is not None else None
+            raise InvalidInputError(
+                f"criterion {spec.name!r} reads the model's weights: pass --model"
+                + (f" (the statistics say they came from {recorded!r}; pass that if you trust it)" if recorded else "")
+            )
         from ..models import load_model
 
         model, _ = load_model(name, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device)

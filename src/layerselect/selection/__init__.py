@@ -41,7 +41,7 @@ Example:
     >>> sel.stability(n_boot=200, seed=0).format_table()               # doctest: +SKIP
 
     >>> @register_criterion
-    ... def lowest_two(stats):
+    ... def lowest_two(stats, *, model=None):    # the one criterion signature
     ...     return sorted(stats.layers)[:2]
     >>> # select(stats, criterion="lowest_two").layers -> the two lowest layers
 """

@@ -38,7 +38,7 @@ def _layer_ids(stats: ActivationStats | None, model: Any) -> list[int]:
 
 
 @register_criterion("first_n")
-def first_n_criterion(stats: ActivationStats | None = None, model: Any = None, n: int = 6) -> Selection:
+def first_n_criterion(stats: ActivationStats | None = None, *, model: Any = None, n: int = 6) -> Selection:
     """The lowest ``n`` layers (by model layer id). Scores: 1 for selected, 0 otherwise; threshold 0.5.
 
     Works from the statistics or, without them, from the model's layer count.
@@ -59,7 +59,7 @@ def first_n_criterion(stats: ActivationStats | None = None, model: Any = None, n
 
 
 @register_criterion("all")
-def all_criterion(stats: ActivationStats | None = None, model: Any = None) -> Selection:
+def all_criterion(stats: ActivationStats | None = None, *, model: Any = None) -> Selection:
     """Every layer (full-FFN baseline). Scores all 1; no threshold."""
     ids = _layer_ids(stats, model)
     return Selection(
@@ -71,7 +71,8 @@ def all_criterion(stats: ActivationStats | None = None, model: Any = None) -> Se
 
 
 @register_criterion("random")
-def random_criterion(stats: ActivationStats | None = None, model: Any = None, k: int = 6, seed: int = 0) -> Selection:
+def random_criterion(stats: ActivationStats | None = None, *, model: Any = None, k: int = 6,
+                     seed: int = 0) -> Selection:
     """``k`` layers drawn uniformly without replacement with ``torch.Generator().manual_seed(seed)``.
 
     The paper's "R" ablation. Scores are the uniform draws in [0, 1); the ``k``
@@ -97,6 +98,8 @@ def random_criterion(stats: ActivationStats | None = None, model: Any = None, k:
 @register_criterion("topk")
 def topk_criterion(
     stats: ActivationStats,
+    *,
+    model: Any = None,
     k: int = 6,
     score: str | Callable[..., Any] = "msd",
     max_layer: int | None = None,

@@ -11,6 +11,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..errors import InvalidInputError
 from ..stats import ActivationStats
 from .registry import register_criterion
@@ -23,6 +25,8 @@ __all__ = ["lape_criterion"]
 @register_criterion("lape")
 def lape_criterion(
     stats: ActivationStats,
+    *,
+    model: Any = None,
     top_rate: float = 0.01,
     filter_rate: float = 0.95,
     k: int | None = None,

@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ..stats import ActivationStats
 from .registry import register_criterion
@@ -27,6 +28,8 @@ OVERLAP_ATOL = 1e-12
 @register_criterion("msd")
 def msd_criterion(
     stats: ActivationStats,
+    *,
+    model: Any = None,
     reference: str = "en",
     tau: float = 0.5,
     overlap_method: str = "ratio",

@@ -1,19 +1,19 @@
 """The criterion registry, and :func:`select`, which runs a criterion and checks what it returns.
 
-A criterion is a function of the statistics (``stats``) and/or the model
-(``model``) plus keyword parameters that returns a :class:`Selection` or a list
-of layer ids. Names given by the caller may be ``"module:function"`` and are
+A criterion has one signature, ``f(stats, *, model=None, **params)``: the
+statistics first (None for a data-free rule), the model as a keyword, then its own
+keyword parameters; it returns a :class:`Selection` or a list of layer ids. Names given by the caller may be ``"module:function"`` and are
 imported (:func:`get_criterion`); names read from a file are only looked up
 (:func:`registered_criterion`), never imported.
 
 Example:
     >>> @register_criterion("_lowest_layer")
-    ... def lowest_layer(stats):
+    ... def lowest_layer(stats, *, model=None):
     ...     return [min(stats.layers)]
     >>> "_lowest_layer" in list_criteria()
     True
-    >>> registered_criterion("_lowest_layer").takes
-    frozenset({'stats'})
+    >>> sorted(registered_criterion("_lowest_layer").required)
+    ['stats']
     >>> _ = CRITERIA.pop("_lowest_layer")
 """
 
@@ -45,24 +45,21 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Criterion:
-    """A registered criterion: its function and what it takes.
+    """A registered criterion: its function, ``f(stats, *, model=None, **params)``, and what it needs.
 
-    ``func`` receives the statistics as ``stats`` and/or the model as
-    ``model`` (by those parameter names; a function naming neither receives
-    the statistics as its first argument) plus keyword parameters, and returns
-    a :class:`Selection` or an iterable of model layer ids.
+    ``required`` holds ``"stats"`` when ``stats`` has no default and ``"model"`` when
+    ``model`` has none (a rule that reads the weights); ``select`` refuses a call that
+    lacks one, by name, before running the rule.
 
     Example:
         >>> spec = get_criterion("first_n")
-        >>> spec.name, sorted(spec.takes), spec.required
-        ('first_n', ['model', 'stats'], frozenset())
+        >>> spec.name, spec.required
+        ('first_n', frozenset())
     """
 
     name: str
     func: Callable[..., Any]
-    takes: frozenset[str]  # subset of {"stats", "model"}
-    required: frozenset[str]  # inputs without a default
-    positional_stats: bool = False
+    required: frozenset[str]  # inputs without a default: "stats" and/or "model"
     description: str = ""
 
     def __call__(self, stats: ActivationStats | None = None, model: Any = None, **params: Any) -> Selection:
@@ -85,16 +82,18 @@ def register_criterion(
     All of these work::
 
         @register_criterion                     # registered as "my_rule"
-        def my_rule(stats, k=2): ...
+        def my_rule(stats, *, model=None, k=2): ...
 
         @register_criterion("lowest")           # under another name
-        def f(stats): ...
+        def f(stats, *, model=None): ...
 
         register_criterion("lowest", f)         # plain call
         register_criterion(f, name="lowest")
 
-    The function takes ``stats`` (ActivationStats) and/or ``model`` and keyword
-    parameters, and returns a :class:`Selection` or a list of model layer ids.
+    The function has the one criterion signature ``f(stats, *, model=None, **params)``
+    (``stats=None`` for a data-free rule, ``model`` without a default for one that needs
+    the weights) and returns a :class:`Selection` or a list of model layer ids. Any other
+    signature is refused here, with the expected one in the message.
     Registering an existing name raises unless ``overwrite=True``. Returns the
     function unchanged (so it still works as a decorator).
     """
@@ -123,24 +122,26 @@ def _register(name: str, func: Callable[..., Any], overwrite: bool) -> Callable[
     return func
 
 
+SIGNATURE = "f(stats, *, model=None, **params)"
+
+
 def _make_criterion(name: str, func: Callable[..., Any]) -> Criterion:
-    sig = inspect.signature(func)
-    takes = {p for p in ("stats", "model") if p in sig.parameters}
-    positional = False
-    if not takes:
-        first = next(iter(sig.parameters.values()), None)
-        if first is None or first.kind not in (first.POSITIONAL_ONLY, first.POSITIONAL_OR_KEYWORD):
-            raise InvalidInputError(
-                f"criterion {name!r} must take the statistics (a parameter named 'stats') or the model ('model')"
-            )
-        takes, positional = {"stats"}, True
-    required = set()
-    for p in takes:
-        param = sig.parameters.get(p) if not positional else next(iter(sig.parameters.values()))
-        if param is not None and param.default is inspect.Parameter.empty:
-            required.add(p)
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"criterion {name!r} has no inspectable signature; write it as {SIGNATURE}") from None
+    params = list(sig.parameters.values())
+    first = params[0] if params else None
+    model = sig.parameters.get("model")
+    if (first is None or first.name != "stats" or first.kind not in (first.POSITIONAL_ONLY, first.POSITIONAL_OR_KEYWORD)
+            or model is None or model.kind is not model.KEYWORD_ONLY):
+        raise InvalidInputError(
+            f"criterion {name!r} has the signature {name}{sig}; a criterion must be {SIGNATURE} "
+            "(the statistics first, None for a data-free rule; the model as a keyword-only argument)"
+        )
+    required = {p.name for p in (first, model) if p.default is inspect.Parameter.empty}
     doc = inspect.getdoc(func) or ""
-    return Criterion(name, func, frozenset(takes), frozenset(required), positional, doc.split("\n")[0] if doc else "")
+    return Criterion(name, func, frozenset(required), doc.split("\n")[0] if doc else "")
 
 
 def get_criterion(criterion: str | Criterion | Callable[..., Any]) -> Criterion:
@@ -277,24 +278,13 @@ def _call_arguments(
     sig = inspect.signature(spec.func)
     accepts_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
     inputs = {"stats", "model"}
-    if spec.positional_stats:
-        inputs.add(next(iter(sig.parameters)))
-    if not accepts_any:
-        unknown = sorted(set(params) - set(sig.parameters))
-        if unknown or (set(params) & inputs):
-            bad = unknown or sorted(set(params) & inputs)
-            allowed = [p for p in sig.parameters if p not in inputs]
-            raise InvalidInputError(f"criterion {spec.name!r} has no parameter(s) {bad}; it accepts {allowed}")
+    bad = sorted(set(params) & inputs) or ([] if accepts_any else sorted(set(params) - set(sig.parameters)))
+    if bad:
+        allowed = [p for p in sig.parameters if p not in inputs]
+        raise InvalidInputError(f"criterion {spec.name!r} has no parameter(s) {bad}; it accepts {allowed}")
     _check_param_types(spec, sig, params)
-    args: list[Any] = []
-    kwargs = dict(params)
-    if spec.positional_stats:
-        args.append(stats)
-    else:
-        if "stats" in spec.takes:
-            kwargs["stats"] = stats
-        if "model" in spec.takes:
-            kwargs["model"] = model
+    args: list[Any] = [stats]
+    kwargs = {**params, "model": model}
     return args, kwargs
 
 

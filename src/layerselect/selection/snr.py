@@ -38,8 +38,9 @@ def _mp_snr(weight: torch.Tensor) -> float:
 
 @register_criterion("snr")
 def snr_criterion(
-    model: Any,
     stats: ActivationStats | None = None,
+    *,
+    model: Any,
     k: int | None = None,
     fraction: float = 0.25,
     matrices: Sequence[str] = ("gate", "up", "down"),
