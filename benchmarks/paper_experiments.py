@@ -211,7 +211,7 @@ def measure(model: Any, tokenizer: Any, data: dict[str, Any], args: argparse.Nam
                         bootstrap=args.bootstrap, seed=args.seed, precision=precision)
     out["gap"] = gap
     stats = ActivationStats.collect(model, tokenizer, data["stats_texts"], batch_size=args.eval_batch_size,
-                                    progress=False)
+                                    progress=False, model_name=args.model)  # the name given, not a cache path
     ov = stats.overlap(reference="en")
     out["overlap_avg"] = [float(x) for x in ov.average]
     out["overlap_per_lang"] = {g: [float(x) for x in ov.per_group[:, i]] for i, g in enumerate(stats.groups)}
@@ -468,7 +468,7 @@ def lr_trial(args: argparse.Namespace, lr: float, folder: Path) -> dict[str, Any
     sel_path = folder / "selection.json"
     if not sel_path.is_file():
         stats = ActivationStats.collect(model, tokenizer, data["stats_texts"], batch_size=args.eval_batch_size,
-                                        progress=False)
+                                        progress=False, model_name=args.model)
         _write_json(sel_path, base_selection(stats))
     spec = run_spec("slam", model, json.loads(sel_path.read_text())["layers"])
     from layerselect.train import translation_loss

@@ -135,7 +135,7 @@ def train_model(
         ``(final directory or None, trainer)``.
 
     Example:
-        >>> from peft import LoraConfig, get_peft_model
+        >>> from peft import LoraConfig, get_peft_model                                  # doctest: +SKIP
         >>> lora = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))  # doctest: +SKIP
         >>> path, trainer = train_model(lora, tok, pairs, output_dir="runs/lora",
         ...                             max_steps=40, lr_scheduler_type="constant")     # doctest: +SKIP
