@@ -40,6 +40,10 @@ def main() -> None:
         data_order="random",
         **({"ddp_backend": "gloo"} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}),
     )
+    if torch.distributed.is_initialized():
+        # an undestroyed gloo group can abort the process at exit ("terminate called without an
+        # active exception") once training is over, failing the run for nothing
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ def test_format_1_folders_with_peft_names_still_load(tmp_path):
     slam.save_pretrained(tmp_path / "ad")
     d = tmp_path / "ad"
     meta = json.loads((d / CONFIG_NAME).read_text())
+    meta.update(meta.pop("config"))  # formats 1-2 kept the config fields among the metadata
     meta["format_version"] = 1
     (d / CONFIG_NAME).unlink()
     (d / LEGACY_NAMES[0]).write_text(json.dumps(meta))
