@@ -16,7 +16,7 @@ from layerselect.data import TranslationDataset, TranslationExample
 from layerselect.selective_ffn.config import SelectiveFFNConfig
 from layerselect.selective_ffn.model import get_slam_model
 from layerselect.train import MODEL_SUBDIR, train_model
-from tiny import tiny_model, tiny_tokenizer
+from tiny import tiny_cli_files, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -122,15 +122,9 @@ def test_full_fine_tuning_trains_in_the_same_loop_and_saves_the_model(tmp_path):
 
 def test_resume_from_a_checkpoint_at_max_steps_trains_no_more(tmp_path):
     """`layerselect train --resume .../checkpoint-2 --max-steps 2` used to train a third step."""
-    pairs = tmp_path / "pairs" / "de-en"
-    pairs.mkdir(parents=True)
-    (pairs / "train.de").write_text("\n".join(f"Janet hat {i} Enten." for i in range(16)) + "\n")
-    (pairs / "train.en").write_text("\n".join(f"Janet has {i} ducks." for i in range(16)) + "\n")
-    model_dir = tmp_path / "model"
-    tiny_model("llama", dtype=torch.float32).save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
+    model_dir, train_data = tiny_cli_files(tmp_path, pairs=16)
     out = tmp_path / "run"
-    common = ["train", "--model", str(model_dir), "--layers", "1", "--train-data", f"pairs:{tmp_path / 'pairs'}",
+    common = ["train", "--model", str(model_dir), "--layers", "1", "--train-data", train_data,
               "--max-steps", "2", "--batch-size", "4", "--grad-accum", "1", "--save-steps", "1", "--lr", "1e-2",
               "--precision", "fp32", "--device", "cpu", "--no-filter", "--out", str(out)]
     assert main(common) == 0

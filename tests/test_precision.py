@@ -17,7 +17,7 @@ from layerselect.precision import autocast, fast_bf16, resolve_precision
 from layerselect.selective_ffn.config import SelectiveFFNConfig
 from layerselect.selective_ffn.model import SelectiveFFNModel
 from layerselect.train import default_training_args, train_slam, translation_loss
-from tiny import tiny_model, tiny_tokenizer
+from tiny import tiny_cli_files, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -240,15 +240,9 @@ def test_length_grouped_batches_carry_less_padding(tmp_path):
 
 # ------------------------------------------------------------------------------------------ CLI
 def test_cli_train_takes_precision_and_records_it(tmp_path, capsys):
-    pairs = tmp_path / "pairs" / "de-en"
-    pairs.mkdir(parents=True)
-    (pairs / "train.de").write_text("\n".join(f"Janet hat {i} Enten." for i in range(12)) + "\n")
-    (pairs / "train.en").write_text("\n".join(f"Janet has {i} ducks." for i in range(12)) + "\n")
-    model_dir = tmp_path / "model"
-    tiny_model("llama", dtype=torch.float32).save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
+    model_dir, train_data = tiny_cli_files(tmp_path)
     out = tmp_path / "run"
-    rc = main(["train", "--model", str(model_dir), "--layers", "1", "--train-data", f"pairs:{tmp_path / 'pairs'}",
+    rc = main(["train", "--model", str(model_dir), "--layers", "1", "--train-data", train_data,
                "--max-steps", "1", "--batch-size", "4", "--grad-accum", "1", "--precision", "bf16",
                "--device", "cpu", "--no-filter", "--out", str(out)])
     assert rc == 0

@@ -103,3 +103,21 @@ def tiny_texts(n: int = 6) -> dict[str, list[str]]:
         "zh": "珍妮有{}只鸭子,每天在市场上卖鸡蛋",
     }
     return {lang: [tpl.format(i * 7 + 3) + "." * (i % 3) for i in range(n)] for lang, tpl in base.items()}
+
+
+def tiny_cli_files(root, pairs: int = 12):
+    """A saved tiny float32 Llama + tokenizer and a ``pairs:`` folder of German->English pairs, for CLI tests.
+
+    Returns ``(model_dir, train_data_spec)``.
+    """
+    from pathlib import Path
+
+    root = Path(root)
+    folder = root / "pairs" / "de-en"
+    folder.mkdir(parents=True)
+    (folder / "train.de").write_text("\n".join(f"Janet hat {i} Enten." for i in range(pairs)) + "\n")
+    (folder / "train.en").write_text("\n".join(f"Janet has {i} ducks." for i in range(pairs)) + "\n")
+    model_dir = root / "model"
+    tiny_model("llama", dtype=torch.float32).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    return model_dir, f"pairs:{root / 'pairs'}"
