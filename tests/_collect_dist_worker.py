@@ -18,6 +18,7 @@ def main(rank: int, world: int, port: str, out: str) -> None:
     stats = ActivationStats.collect(tiny_model("llama"), tiny_tokenizer(), tiny_texts(5), batch_size=3, progress=False,
                                    per_sample_counts=True)  # int16: reduced as int32
     stats.save(os.path.join(out, f"rank{rank}"))
+    dist.barrier()  # every rank done before the group is torn down
     dist.destroy_process_group()
 
 

@@ -41,6 +41,7 @@ def main() -> None:
         **({"ddp_backend": "gloo"} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}),
     )
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()
         # an undestroyed gloo group can abort the process at exit ("terminate called without an
         # active exception") once training is over, failing the run for nothing
         torch.distributed.destroy_process_group()

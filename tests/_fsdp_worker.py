@@ -112,6 +112,9 @@ def main(rank: int, world: int, port: str, out: str) -> None:
 
     with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
         json.dump(result, fh)
+    # every rank done before any tears the group down: a rank leaving early has aborted the
+    # other at exit ("terminate called without an active exception") on a loaded machine
+    dist.barrier()
     dist.destroy_process_group()
 
 
