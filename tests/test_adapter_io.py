@@ -18,7 +18,18 @@ from layerselect.selective_ffn import (
     load_deltas,
     writing,
 )
-from layerselect.selective_ffn import io as adapter_io
+from layerselect.selective_ffn.adapter_file import (
+    ADAPTER_FORMAT_VERSION,
+    PATCHES_NAME,
+    read_adapter,
+)
+from layerselect.selective_ffn.delta import (
+    apply_delta,
+    apply_patch,
+    compute_delta,
+    fingerprint_tensor,
+)
+from layerselect.selective_ffn.tensorfile import read_safetensors_header, sha256_file
 from tiny import FAMILIES, IDS, tiny_model
 
 # Tiny models run faster single-threaded, especially on a busy machine.
@@ -112,7 +123,7 @@ def test_adapter_config_records_provenance(tmp_path):
 
     model, path = _trained_adapter(tmp_path, base_model_name_or_path="my/base")
     meta = json.loads((path / "layerselect_adapter.json").read_text())
-    assert meta["format_version"] == adapter_io.ADAPTER_FORMAT_VERSION
+    assert meta["format_version"] == ADAPTER_FORMAT_VERSION
     assert meta["library_version"] == __version__
     # format 3: the config under its own key, apart from the file's metadata
     assert meta["config"]["base_model_name_or_path"] == "my/base"
@@ -121,7 +132,7 @@ def test_adapter_config_records_provenance(tmp_path):
     base = meta["base_model"]
     assert base["num_layers"] == 4 and base["model_type"] == "llama"
     assert set(base["fingerprint"]["tensors"]) == set(meta["tensors"]) == set(model.target_names)
-    assert meta["weights_sha256"] == adapter_io.sha256_file(path / "layerselect_deltas.safetensors")
+    assert meta["weights_sha256"] == sha256_file(path / "layerselect_deltas.safetensors")
 
 
 # ----------------------------------------------------------------------------------------
@@ -137,9 +148,9 @@ def test_deltas_are_exact_where_naive_subtraction_is_not():
     ])
     naive = base + (trained - base)
     assert (naive != trained).sum() > 100  # the problem is real
-    res = adapter_io.compute_delta(trained, base, torch.float32)
-    rebuilt = adapter_io.apply_delta(base, res.delta)
-    adapter_io.apply_patch(rebuilt, res.patch_index, res.patch_bits)
+    res = compute_delta(trained, base, torch.float32)
+    rebuilt = apply_delta(base, res.delta)
+    apply_patch(rebuilt, res.patch_index, res.patch_bits)
     assert torch.equal(rebuilt.view(torch.int32), trained.view(torch.int32))
     assert res.mismatched == 0
     # patches exactly where float32 subtraction is inexact; Sterbenz: never when t/2 <= b <= 2t
@@ -194,13 +205,13 @@ def test_fingerprint_ignores_load_dtype_but_not_changes(tmp_path):
     prints = set()
     for dtype in (torch.bfloat16, torch.float32, torch.float64):
         m = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=dtype)
-        prints.add(adapter_io.fingerprint_tensor(dict(m.named_parameters())[name])["sha256"])
+        prints.add(fingerprint_tensor(dict(m.named_parameters())[name])["sha256"])
     assert len(prints) == 1
     w = dict(model.named_parameters())[name].detach().float()
-    assert adapter_io.fingerprint_tensor(w)["sha256"] == adapter_io.fingerprint_tensor(w.double())["sha256"]
+    assert fingerprint_tensor(w)["sha256"] == fingerprint_tensor(w.double())["sha256"]
     bumped = w.clone()
     bumped[3, 5] += 0.05 * bumped[3, 5].abs() + 1e-3
-    assert adapter_io.fingerprint_tensor(bumped)["sha256"] != adapter_io.fingerprint_tensor(w)["sha256"]
+    assert fingerprint_tensor(bumped)["sha256"] != fingerprint_tensor(w)["sha256"]
 
 
 def test_adapter_trained_in_float32_loads_onto_a_float64_base(tmp_path):
@@ -262,7 +273,7 @@ def _corrupt_truncate(path):
 def _newer_version(path):
     c = path / "layerselect_adapter.json"
     meta = json.loads(c.read_text())
-    meta["format_version"] = adapter_io.ADAPTER_FORMAT_VERSION + 1
+    meta["format_version"] = ADAPTER_FORMAT_VERSION + 1
     c.write_text(json.dumps(meta))
 
 
@@ -280,7 +291,7 @@ def _missing_weights(path):
     [
         (_corrupt_flip, "does not match the checksum"),
         (_corrupt_truncate, "does not match the checksum"),
-        (_newer_version, rf"format version {adapter_io.ADAPTER_FORMAT_VERSION + 1}.*Upgrade layerselect"),
+        (_newer_version, rf"format version {ADAPTER_FORMAT_VERSION + 1}.*Upgrade layerselect"),
         (_bad_json, "not valid JSON"),
         (_missing_weights, "layerselect_deltas.safetensors is missing"),
     ],
@@ -301,12 +312,12 @@ def test_truncated_file_is_caught_by_the_header_check_too(tmp_path):
     _, path = _trained_adapter(tmp_path)
     f = path / "layerselect_deltas.safetensors"
     # a whole file: every tensor's dtype and shape, as the tensors themselves have them
-    infos = adapter_io.read_safetensors_header(f)
+    infos = read_safetensors_header(f)
     assert {n: (i.dtype, i.shape) for n, i in infos.items()} == {
         n: (t.dtype, tuple(t.shape)) for n, t in load_file(str(f)).items()}
     f.write_bytes(f.read_bytes()[:-100])
     with pytest.raises(FormatError, match="truncated") as exc:
-        adapter_io.read_safetensors_header(f)
+        read_safetensors_header(f)
     assert str(f) in str(exc.value)
 
 
@@ -346,16 +357,16 @@ def test_patches_side_file_is_written_when_needed_and_checked(tmp_path):
     model, path = _trained_adapter(tmp_path)  # float32, lr 0.1: some weights cross zero
     meta = json.loads((path / "layerselect_adapter.json").read_text())
     n = meta["reconstruction"]["patched_elements"]
-    assert n > 0 and meta["patches_file"] == adapter_io.PATCHES_NAME
-    with safe_open(str(path / adapter_io.PATCHES_NAME), "pt") as fh:
+    assert n > 0 and meta["patches_file"] == PATCHES_NAME
+    with safe_open(str(path / PATCHES_NAME), "pt") as fh:
         assert sum(fh.get_tensor(k).numel() for k in list(fh.keys()) if k.endswith(":index")) == n
     # without the patches the load would not be exact: they matter
     fresh = dict(tiny_model("llama", dtype=torch.float32).named_parameters())
     trained = dict(model.model.named_parameters())
-    deltas = adapter_io.read_adapter(path).load_tensors()
-    off = sum(int((adapter_io.apply_delta(fresh[k].detach(), d) != trained[k]).sum()) for k, d in deltas.items())
+    deltas = read_adapter(path).load_tensors()
+    off = sum(int((apply_delta(fresh[k].detach(), d) != trained[k]).sum()) for k, d in deltas.items())
     assert off == n
-    f = path / adapter_io.PATCHES_NAME
+    f = path / PATCHES_NAME
     f.write_bytes(f.read_bytes()[:-4])
     with pytest.raises(FormatError, match="layerselect_patches.safetensors does not match the checksum"):
         load_deltas(tiny_model("llama", dtype=torch.float32), path)

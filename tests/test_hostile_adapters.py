@@ -17,7 +17,8 @@ from layerselect.selective_ffn import (
     get_slam_model,
     load_deltas,
 )
-from layerselect.selective_ffn.io import CONFIG_NAME, PATCHES_NAME, WEIGHTS_NAME, sha256_file
+from layerselect.selective_ffn.adapter_file import CONFIG_NAME, PATCHES_NAME, WEIGHTS_NAME
+from layerselect.selective_ffn.tensorfile import sha256_file
 from tiny import IDS, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -13,7 +13,8 @@ from _hostile import Injected, assert_error, fail_at, snapshot
 from layerselect.cli import main
 from layerselect.errors import FormatError, InvalidInputError
 from layerselect.selective_ffn import SelectiveFFNConfig, get_slam_model, merge_checkpoint
-from layerselect.selective_ffn.io import CONFIG_NAME, WEIGHTS_NAME, sha256_file
+from layerselect.selective_ffn.adapter_file import CONFIG_NAME, WEIGHTS_NAME
+from layerselect.selective_ffn.tensorfile import sha256_file
 from tiny import IDS, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")

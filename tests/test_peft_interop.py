@@ -15,7 +15,12 @@ from layerselect.selective_ffn import (
     get_slam_model,
     load_deltas,
 )
-from layerselect.selective_ffn.io import CONFIG_NAME, LEGACY_NAMES, PATCHES_NAME, WEIGHTS_NAME
+from layerselect.selective_ffn.adapter_file import (
+    CONFIG_NAME,
+    LEGACY_NAMES,
+    PATCHES_NAME,
+    WEIGHTS_NAME,
+)
 from tiny import IDS, tiny_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -12,8 +12,9 @@ See ``docs/adapters.md`` for the file format and distributed-training settings.
 
 from __future__ import annotations
 
+from .adapter_file import ADAPTER_FORMAT_VERSION, read_adapter
 from .config import DELTA_DTYPES, SelectiveFFNConfig
-from .io import ADAPTER_FORMAT_VERSION, load_deltas, read_adapter
+from .loading import load_deltas
 from .lora import LoraExport, export_lora
 from .merge import merge_checkpoint
 from .model import SelectiveFFNModel, get_slam_model

@@ -41,20 +41,14 @@ from torch import nn
 from .._dist import gather_full, is_sharded_parameter
 from ..arch import get_layout, unwrap_model
 from ..errors import InvalidInputError
+from .adapter_file import read_adapter
+from .checks import check_base, check_targets_match
 from .config import SelectiveFFNConfig
-from .io import (
-    apply_adapter_tensors,
-    check_base,
-    check_targets_match,
-    compute_delta,
-    dtype_name,
-    fingerprint_tensor,
-    read_adapter,
-    resolve_delta_dtype,
-    write_adapter,
-)
+from .delta import compute_delta, dtype_name, fingerprint_tensor, resolve_delta_dtype
+from .loading import apply_adapter_tensors
 from .reference import Reference, ReferenceMode
 from .targets import Target, parameter_numel, resolve_targets
+from .writing import write_adapter
 
 __all__ = ["SelectiveFFNModel", "get_slam_model"]
 

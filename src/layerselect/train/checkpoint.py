@@ -59,7 +59,7 @@ def load_trainable_weights(model: torch.nn.Module, path: Path) -> None:
     """Copy what :func:`save_trainable_weights` wrote back into ``model``; the names must match exactly."""
     from safetensors.torch import load_file
 
-    from ..selective_ffn.io import read_safetensors_header
+    from ..selective_ffn.tensorfile import read_safetensors_header
 
     read_safetensors_header(path)  # truncated / corrupt: a FormatError naming the file
     try:
@@ -141,7 +141,7 @@ def _find_checkpoint(resume: bool | str | os.PathLike[str], output_dir: str | os
 
 def _check_files(path: Path) -> None:
     """Every file a resume reads, checked for truncation / corruption before training starts."""
-    from ..selective_ffn.io import read_safetensors_header
+    from ..selective_ffn.tensorfile import read_safetensors_header
 
     read_safetensors_header(path / TRAINABLE_WEIGHTS_NAME)
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", TRAINING_ARGS_NAME):
@@ -156,7 +156,8 @@ def _check_files(path: Path) -> None:
 
 def _check_same_base(path: Path, slam_model: Any) -> None:
     """The checkpoint's adapter must fingerprint the same base matrices this run trains."""
-    from ..selective_ffn.io import fingerprint_tensor, read_adapter
+    from ..selective_ffn.adapter_file import read_adapter
+    from ..selective_ffn.delta import fingerprint_tensor
 
     adapter = read_adapter(path)
     ref = slam_model._need_reference("check the checkpoint's base model")

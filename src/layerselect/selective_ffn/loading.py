@@ -1,6 +1,6 @@
-"""Delta adapters: ``load_deltas``, and the adapter API in one import place.
+"""Loading delta adapters onto a model: :func:`load_deltas` (validate everything, then apply).
 
-The pieces live in modules with one job each, all re-exported here:
+The other pieces have one module each, imported from there (no re-export module):
 :mod:`.adapter_file` (names, format version, :func:`read_adapter` and its file
 checks), :mod:`.checks` (does an adapter fit a base), :mod:`.delta` (the
 reconstruction rule, exact deltas, patches, fingerprints), :mod:`.writing`
@@ -12,7 +12,7 @@ An adapter directory holds two files (see ``docs/adapters.md`` for the full form
 - ``layerselect_deltas.safetensors``: one tensor per trained matrix, keyed by the base
   model's own parameter name (``model.layers.3.mlp.up_proj.weight``), holding
   ``delta = W_trained - W_base``;
-- ``layerselect_adapter.json``: the :class:`SelectiveFFNConfig` fields plus the format
+- ``layerselect_adapter.json``: the :class:`SelectiveFFNConfig` (under ``"config"``) plus the format
   version, the library version, the base model's name, layer count and a
   fingerprint of the targeted base weights, per-tensor shapes/dtypes, the
   reconstruction error, and the SHA-256 of the tensor file.
@@ -56,69 +56,12 @@ import torch
 from torch import nn
 
 from ..errors import InvalidInputError
-from .adapter_file import (
-    ADAPTER_FORMAT_VERSION,
-    CONFIG_NAME,
-    FORMAT_NAME,
-    LEGACY_NAMES,
-    PATCHES_NAME,
-    TENSOR_NAME,
-    WEIGHTS_NAME,
-    AdapterFile,
-    check_tensor_names,
-    read_adapter,
-)
-from .checks import check_base, check_structure, check_targets_match, fingerprint_matches
-from .delta import (
-    FINGERPRINT_METHOD,
-    DeltaResult,
-    apply_delta,
-    apply_patch,
-    compute_delta,
-    dtype_name,
-    fingerprint_digest,
-    fingerprint_tensor,
-    is_lossless,
-    resolve_delta_dtype,
-)
-from .tensorfile import ST_DTYPES, TORCH_TO_ST, TensorInfo, read_safetensors_header, sha256_file
-from .writing import write_adapter
+from .adapter_file import AdapterFile, read_adapter
+from .checks import check_base, check_targets_match
+from .delta import apply_delta, apply_patch
 
-__all__ = [
-    "FORMAT_NAME",
-    "ADAPTER_FORMAT_VERSION",
-    "CONFIG_NAME",
-    "WEIGHTS_NAME",
-    "PATCHES_NAME",
-    "LEGACY_NAMES",
-    "TENSOR_NAME",
-    "AdapterFile",
-    "DeltaResult",
-    "FINGERPRINT_METHOD",
-    "ST_DTYPES",
-    "TORCH_TO_ST",
-    "TensorInfo",
-    "apply_adapter_tensors",
-    "apply_delta",
-    "apply_patch",
-    "compute_delta",
-    "dtype_name",
-    "fingerprint_digest",
-    "fingerprint_tensor",
-    "is_lossless",
-    "load_deltas",
-    "named_weights",
-    "read_adapter",
-    "read_safetensors_header",
-    "resolve_delta_dtype",
-    "check_base",
-    "check_structure",
-    "check_targets_match",
-    "check_tensor_names",
-    "fingerprint_matches",
-    "sha256_file",
-    "write_adapter",
-]
+__all__ = ["apply_adapter_tensors", "load_deltas", "named_weights"]
+
 
 def named_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The parameters of the transformers model inside ``model`` (any wrapper removed), by name."""
