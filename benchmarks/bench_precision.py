@@ -16,7 +16,7 @@ On Gemma-3-270M (real weights) by default, in one process:
 (f) activation statistics under bf16 autocast: how many firing counts change, and
     whether the msd selection changes;
 (g) padding: the fraction of padded positions in training batches, in the
-    Trainer's random order vs grouped by length (``length_grouping_arguments``).
+    Trainer's random order vs grouped by length (``data_order="length"``, the default).
 
 Where bf16 falls short of a goal, the top ops of a profiled step say why.
 

@@ -141,6 +141,13 @@ def resolved_precision(args: argparse.Namespace) -> str:
     return resolve_precision(getattr(args, "precision", "fp32"), "cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _read_json_or_none(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # truncated or not JSON: treated as not ours
+        return None
+
+
 def _write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -293,8 +300,9 @@ def train(model: Any, tokenizer: Any, features: Sequence[dict[str, list[int]]], 
     every = getattr(args, "checkpoint_every", 0) or 0
     settings = settings_of(args)
     stamp = run_dir / "settings.json"
-    if every and stamp.is_file() and json.loads(stamp.read_text()) != settings:
-        raise SystemExit(f"{run_dir} holds a checkpoint made with other settings; delete it to start this run again")
+    if every and stamp.is_file() and _read_json_or_none(stamp) != settings:
+        raise SystemExit(f"{run_dir} holds a checkpoint made with other (or unreadable) settings; delete it to "
+                         "start this run again")
     if every:
         _write_json(stamp, settings)
     last = get_last_checkpoint(str(run_dir)) if every and run_dir.is_dir() else None

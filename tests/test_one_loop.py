@@ -134,3 +134,8 @@ def test_resume_from_a_checkpoint_at_max_steps_trains_no_more(tmp_path):
     assert summary["steps"] == 2 and summary["step_seconds"] == []  # nothing trained
     assert (out / "adapter" / "layerselect_deltas.safetensors").read_bytes() == adapter
     assert not (out / "checkpoint-3").exists()
+    # a hostile trainer_state.json (a step that is no number) is refused by name, nothing trained
+    state = out / "checkpoint-2" / "trainer_state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "global_step": "2"}))
+    assert main([*common, "--resume", str(out / "checkpoint-2")]) == 2
+    assert (out / "adapter" / "layerselect_deltas.safetensors").read_bytes() == adapter

@@ -219,9 +219,12 @@ def test_interrupted_run_resumes_to_the_same_weights(setup, tmp_path, monkeypatc
     assert calls["n"] == 0 and log_again["resumed_at_step"] == 5
     assert log_again["train_loss"] == log_unbroken["train_loss"]
     assert all(torch.equal(again[n], unbroken[n]) for n in unbroken)
-    # a checkpoint from other settings is refused, not mixed in
+    # a checkpoint from other settings is refused, not mixed in; so is one whose settings are unreadable
     opts.lr = 0.5
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(SystemExit, match="other .*settings"):
+        run(run_dir)
+    (run_dir / "settings.json").write_text("{truncated")
+    with pytest.raises(SystemExit, match="unreadable"):
         run(run_dir)
 
 

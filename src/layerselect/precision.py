@@ -4,7 +4,7 @@
 state and the saved deltas) stay in their own dtype, usually float32, and
 ``torch.autocast`` runs the matrix multiplications in bfloat16. That is what the
 paper does on its GPUs, and what makes a CPU with native bf16 instructions
-(``avx512_bf16`` or AMX) about 3.5x faster on a GEMM (measured in
+(``avx512_bf16`` or AMX) 2.25x faster on a GEMM (AMD EPYC, 2 threads; measured in
 ``benchmarks/bench_precision.py``). Losses and measures keep their float64
 accumulation; only the products inside the model round to bf16.
 

@@ -40,7 +40,7 @@ import torch
 from .._progress import progress as progress_bar
 from .._running import eval_mode, pad_batch, pad_token_id
 from ..errors import FormatError, InvalidInputError
-from ..precision import autocast, model_dtype, resolve_precision
+from ..precision import autocast, model_device, model_dtype, resolve_precision
 from .generate import PROMPT_TEMPLATE, build_prompt
 
 __all__ = [
@@ -143,13 +143,6 @@ def target_nll(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return out.nll_sum.detach().to("cpu", torch.float64)
 
 
-def _device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
-
-
 def _score(
     model: Any, items: Sequence[tuple[list[int], list[bool]]], batch_size: int, pad_id: int, desc: str = ""
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -161,7 +154,7 @@ def _score(
     sums = np.zeros(n, dtype=np.float64)
     counts = np.array([sum(t) for _, t in items], dtype=np.int64)
     order = sorted(range(n), key=lambda i: -len(items[i][0]))
-    dev = _device(model)
+    dev = model_device(model)
     with progress_bar(total=n, desc=f"gap {desc}", unit="q", disable=not desc) as bar:
         for b in range(0, n, batch_size):
             idx = order[b : b + batch_size]
@@ -206,7 +199,7 @@ def reasoning_gap(
         verbose: a progress bar per language on stderr.
         precision: ``"fp32"`` (default, comparable across machines), ``"bf16"`` autocast, or
             ``"auto"`` (bf16 where the hardware is fast at it; :mod:`layerselect.precision`).
-            Sums stay float64; on Gemma-3-270M bf16 moves the average gap by about 0.002
+            Sums stay float64; on Gemma-3-270M bf16 moved the average gap by 0.0007
             nats/token (``benchmarks/bench_precision.py``).
 
     Returns:
@@ -218,7 +211,7 @@ def reasoning_gap(
     """
     n = _check_gap_inputs(questions, solutions, reference, batch_size)
     langs = list(questions)
-    used = resolve_precision(precision, _device(model), model_dtype(model))
+    used = resolve_precision(precision, model_device(model), model_dtype(model))
     sums, counts = _score_langs(model, tokenizer, questions, solutions, batch_size, prompt, verbose, used)
     if bootstrap > 0:
         intervals = _bootstrap_intervals(sums, counts, langs, reference, n, bootstrap, seed)
@@ -271,7 +264,7 @@ def _score_langs(
     pad_id = pad_token_id(tokenizer)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, np.ndarray] = {}
-    with eval_mode(model), autocast(precision, _device(model)):
+    with eval_mode(model), autocast(precision, model_device(model)):
         for lang in questions:
             items = [gap_item(tokenizer, q, s, prompt) for q, s in zip(questions[lang], solutions)]
             sums[lang], counts[lang] = _score(model, items, batch_size, pad_id, lang if verbose else "")

@@ -29,7 +29,7 @@ import torch
 
 from .._running import pad_batch, pad_token_id
 from ..errors import InvalidInputError
-from ..precision import autocast, model_dtype, resolve_precision
+from ..precision import autocast, model_device, model_dtype, resolve_precision
 
 __all__ = [
     "PROMPT_TEMPLATE",
@@ -120,20 +120,14 @@ class TransformersGenerator:
         self.max_new_tokens = max_new_tokens
         self.stop = tuple(stop)
         self.pad_token_id = pad_token_id(tokenizer, required=True)
-        self.precision = resolve_precision(precision, self._device(), model_dtype(model))
-
-    def _device(self) -> torch.device:
-        try:
-            return next(self.model.parameters()).device
-        except (StopIteration, AttributeError):
-            return torch.device("cpu")
+        self.precision = resolve_precision(precision, model_device(self.model), model_dtype(model))
 
     @torch.inference_mode()
     def generate_batch(self, prompts: Sequence[str]) -> list[str]:
         """One ``generate`` call over ``prompts`` (left padded)."""
         tok = self.tokenizer
         ids, mask = pad_batch(tok(list(prompts))["input_ids"], self.pad_token_id, padding_side="left")
-        device = self._device()
+        device = model_device(self.model)
         eos = getattr(self.model.generation_config, "eos_token_id", None)
         if eos is None:
             eos = tok.eos_token_id

@@ -57,10 +57,11 @@ Example:
 from __future__ import annotations
 
 from .arguments import (
+    DATA_ORDERS,
     EFFECTIVE_BATCH_SIZE,
     PAPER_DEFAULTS,
+    data_order_arguments,
     default_training_args,
-    length_grouping_arguments,
 )
 from .checkpoint import TRAINABLE_WEIGHTS_NAME, resolve_checkpoint
 from .features import build_train_dataset, plain_text_features
@@ -76,7 +77,8 @@ __all__ = [
     "ADAPTER_SUBDIR",
     "resolve_checkpoint",
     "default_training_args",
-    "length_grouping_arguments",
+    "data_order_arguments",
+    "DATA_ORDERS",
     "SLAMTrainer",
     "TrainerLogCallback",
     "StepTimeCallback",

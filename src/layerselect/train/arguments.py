@@ -19,7 +19,7 @@ from ..errors import InvalidInputError
 from ..precision import resolve_precision
 
 __all__ = ["DATA_ORDERS", "EFFECTIVE_BATCH_SIZE", "PAPER_DEFAULTS", "data_order_arguments", "data_order_of",
-           "default_training_args", "length_grouping_arguments", "warmup_arguments"]
+           "default_training_args", "warmup_arguments"]
 
 #: Effective batch size of the paper (per-device x accumulation x processes).
 EFFECTIVE_BATCH_SIZE = 128
@@ -94,16 +94,6 @@ def data_order_arguments(order: str = "length") -> dict[str, Any]:
     if order == "length":
         return {"group_by_length": True}
     raise InvalidInputError("data_order='sequential' needs transformers >= 5 (train_sampling_strategy)")
-
-
-def length_grouping_arguments(enabled: bool = True) -> dict[str, Any]:
-    """``TrainingArguments`` keywords that batch examples of similar length together (or nothing).
-
-    Example:
-        >>> length_grouping_arguments(False)
-        {}
-    """
-    return data_order_arguments("length") if enabled else {}
 
 
 def data_order_of(args: Any) -> str:

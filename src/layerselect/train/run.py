@@ -20,7 +20,7 @@ from transformers import PrinterCallback, ProgressCallback
 from .._dist import barrier
 from .._io import atomic_write_text
 from ..data import TranslationCollator
-from ..errors import InvalidInputError
+from ..errors import FormatError, InvalidInputError
 from .arguments import data_order_of, default_training_args
 from .checkpoint import resolve_checkpoint, trainable_parameters
 from .features import build_train_dataset
@@ -178,12 +178,16 @@ def _reached_max_steps(checkpoint: str, args: Any) -> bool:
     The Trainer would run one more step before it checks (a resume from
     ``checkpoint-2`` with ``max_steps=2`` trained a third), so such a resume trains none.
     """
-    from transformers import TrainerState
+    from .._io import read_json
 
     state_file = Path(checkpoint) / "trainer_state.json"
     if args.max_steps is None or args.max_steps <= 0 or not state_file.is_file():
         return False
-    return TrainerState.load_from_json(str(state_file)).global_step >= args.max_steps
+    state = read_json(state_file, "the checkpoint")
+    step = state.get("global_step") if isinstance(state, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise FormatError(f"{state_file}: global_step is {step!r}, not a step count; the checkpoint is corrupt")
+    return step >= args.max_steps
 
 
 def _restore_finished(trainer: SLAMTrainer, checkpoint: str) -> float:
