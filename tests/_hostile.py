@@ -64,10 +64,10 @@ def fail_at(step: int) -> Iterator[list[str]]:
     wrap(_io, "_exchange")
     wrap(_io, "atomic_write_text")
     wrap(st, "save_file")
-    from layerselect.selective_ffn import writing as adapter_writing
+    from layerselect.selective_ffn import adapter_file
     from layerselect.stats import files as stats
 
-    for module in (stats, adapter_writing):
+    for module in (stats, adapter_file):
         if hasattr(module, "save_file"):
             wrap(module, "save_file")
     try:

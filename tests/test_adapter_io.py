@@ -14,9 +14,9 @@ from layerselect.errors import BaseModelMismatchError, FormatError
 from layerselect.selective_ffn import (
     SelectiveFFNConfig,
     SelectiveFFNModel,
+    adapter_file,
     get_slam_model,
     load_deltas,
-    writing,
 )
 from layerselect.selective_ffn.adapter_file import (
     ADAPTER_FORMAT_VERSION,
@@ -332,7 +332,7 @@ def test_crash_during_save_leaves_the_previous_adapter_intact(tmp_path, monkeypa
             fh.write(b"partial write")
         raise OSError("simulated crash: disk full")
 
-    monkeypatch.setattr(writing, "save_file", crash)
+    monkeypatch.setattr(adapter_file, "save_file", crash)
     with pytest.raises(OSError, match="simulated crash"):
         model.save_pretrained(path)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == first_files

@@ -1,4 +1,5 @@
-"""`SelectiveFFNConfig`: which layers' FFN matrices train, and how deltas are stored.
+"""What trains: :class:`SelectiveFFNConfig` (which layers' matrices, how deltas are stored)
+and :func:`resolve_targets` (that config resolved to a given model's parameters).
 
 Example:
     >>> from layerselect.selective_ffn import SelectiveFFNConfig
@@ -13,6 +14,9 @@ Example:
     Traceback (most recent call last):
     ...
     layerselect.errors.InvalidInputError: duplicate layer indices [1] in SelectiveFFNConfig.layers; list each layer once
+    >>> targets, layout = resolve_targets(model, SelectiveFFNConfig(layers=[1]))   # doctest: +SKIP
+    >>> [t.name for t in targets]                                                  # doctest: +SKIP
+    ['model.layers.1.mlp.up_proj.weight', 'model.layers.1.mlp.down_proj.weight']
 """
 
 from __future__ import annotations
@@ -24,11 +28,22 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+from torch import nn
+
 from .._io import jsonable, read_json
-from ..arch import ATTN_ROLES, ROLES, TARGET_ROLES
+from ..arch import ATTN_ROLES, ROLES, TARGET_ROLES, get_layout
 from ..errors import FormatError, InvalidInputError
 
-__all__ = ["SelectiveFFNConfig", "DELTA_DTYPES", "HasLayers", "normalize_target_modules"]
+__all__ = [
+    "SelectiveFFNConfig",
+    "DELTA_DTYPES",
+    "HasLayers",
+    "Target",
+    "normalize_target_modules",
+    "parameter_numel",
+    "resolve_targets",
+]
 
 #: Allowed values of ``SelectiveFFNConfig.delta_dtype``. ``"auto"`` (default) stores
 #: float32 deltas for float32/bfloat16/float16 weights and float64 deltas for float64
@@ -264,3 +279,50 @@ class SelectiveFFNConfig:
                 return cls.from_dict(data.get("config"))
             return cls.from_dict({k: v for k, v in data.items() if k in cls.field_names()})
         return cls.from_dict(data)
+
+
+# ----------------------------------------------------------------------------------------
+# The config resolved to a model: its targeted parameters
+# ----------------------------------------------------------------------------------------
+@dataclass
+class Target:
+    """One trained matrix: its parameter name, the parameter, its layer, and rows kept frozen."""
+
+    name: str
+    param: nn.Parameter
+    layer: int
+    frozen_rows: tuple[slice, ...] | None = None  # fused gate_up / qkv with only some parts targeted
+
+    @property
+    def trainable_numel(self) -> int:
+        n = parameter_numel(self.param)
+        if self.frozen_rows is not None:
+            rows = tuple(getattr(self.param, "ds_shape", None) or self.param.shape)[0]  # ZeRO-3: full shape
+            per_row = n // rows if rows else 0
+            n -= sum(len(range(*part.indices(rows))) for part in self.frozen_rows) * per_row
+        return n
+
+
+def parameter_numel(p: torch.Tensor) -> int:
+    # DeepSpeed ZeRO-3 partitions parameters and keeps the full size in ds_numel.
+    return int(getattr(p, "ds_numel", 0) or p.numel())
+
+
+def resolve_targets(model: nn.Module, config: SelectiveFFNConfig) -> tuple[list[Target], Any]:
+    """The targets of ``config`` on ``model`` (layers checked against it) and the model's layout."""
+    layout = get_layout(model)
+    layers = layout.check_layers(config.layers)
+    params = dict(layout.model.named_parameters())
+    roles = config.target_modules
+    targets: list[Target] = []
+    for i in layers:
+        for name in layout.parameter_names(i, roles):
+            if name not in params:
+                raise InvalidInputError(f"parameter {name} not found in {type(layout.model).__name__}")
+            frozen = None
+            parts = layout.fused_rows(i, name.removesuffix(".weight"))
+            if parts is not None:  # fused gate_up or qkv: freeze the rows of untargeted roles
+                untargeted = tuple(rows for role, rows in parts.items() if role not in roles)
+                frozen = untargeted or None
+            targets.append(Target(name, params[name], i, frozen))
+    return targets, layout

@@ -6,11 +6,22 @@ float32 difference is exact only when the two values are within a factor of two
 deltas (float32, or float64 for float64 weights) are therefore computed from the
 exact difference, then *verified* with the very arithmetic used to apply them
 (:func:`apply_delta`); any element that does not reconstruct is recorded as a
-*patch* (its flat index and the trained bit pattern), applied by :func:`apply_patch`.
+*patch* (its flat index and the trained bit pattern), applied by :func:`apply_patch`
+and stored in a small side file, ``layerselect_patches.safetensors`` (only written
+when needed). Applying with ``scale=1`` therefore reproduces the trained weights bit
+for bit on the same base in the same dtype, by construction. Patches are needed only
+where a weight crossed zero or shrank below half its base value (float32 deltas on
+bf16/fp16 weights: only below 2**-16 of it, i.e. practically never); they cost 12-16
+bytes per patched element and are ignored when ``scale != 1``. Lossy bf16/fp16 deltas
+have no patches; their maximum and relative reconstruction errors are recorded instead.
 
 **Fingerprint.** Per targeted matrix, the SHA-256 of the weights rounded to
 bfloat16 (always through float32: ``w.float().bfloat16()``), plus their norm for
-messages: the same for a checkpoint loaded in float32, float64 or bfloat16.
+messages. It does not change when the same checkpoint is loaded in float32,
+float64 or bfloat16 (the usual checkpoint dtypes bf16/fp16/fp32 hold values that
+these loads keep or round identically), and any change to a weight larger than
+bf16 rounding changes it. Loading a bf16/fp32 checkpoint in float16 is lossy and
+does change it: use ``strict=False`` then.
 
 Example:
     >>> import torch

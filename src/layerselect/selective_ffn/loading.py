@@ -1,49 +1,18 @@
-"""Loading delta adapters onto a model: :func:`load_deltas` (validate everything, then apply).
+"""Does an adapter fit a base (:func:`check_base`), and :func:`load_deltas`: validate everything, then apply.
 
-The other pieces have one module each, imported from there (no re-export module):
-:mod:`.adapter_file` (names, format version, :func:`read_adapter` and its file
-checks), :mod:`.checks` (does an adapter fit a base), :mod:`.delta` (the
-reconstruction rule, exact deltas, patches, fingerprints), :mod:`.writing`
-(:func:`write_adapter`) and :mod:`.tensorfile` (safetensors reading with errors
-that name the file).
-
-An adapter directory holds two files (see ``docs/adapters.md`` for the full format):
-
-- ``layerselect_deltas.safetensors``: one tensor per trained matrix, keyed by the base
-  model's own parameter name (``model.layers.3.mlp.up_proj.weight``), holding
-  ``delta = W_trained - W_base``;
-- ``layerselect_adapter.json``: the :class:`SelectiveFFNConfig` (under ``"config"``) plus the format
-  version, the library version, the base model's name, layer count and a
-  fingerprint of the targeted base weights, per-tensor shapes/dtypes, the
-  reconstruction error, and the SHA-256 of the tensor file.
-
-**Exactness.** Floating point does not guarantee ``W_b + (W_t - W_b) == W_t``: a
-float32 difference is exact only when the two values are within a factor of two
-(Sterbenz), so weights that change sign or halve would not round-trip. Lossless
-deltas (float32, or float64 for float64 weights) are therefore computed from the
-exact difference, then *verified* with the very arithmetic used to apply them
-(:func:`apply_delta`); any element that does not reconstruct is recorded as a
-*patch* (its flat index and the trained bit pattern) in a small side file,
-``layerselect_patches.safetensors`` (only written when needed).
-Applying with ``scale=1`` therefore reproduces the trained weights bit for bit on
-the same base in the same dtype, by construction. Patches are needed only where a
-weight crossed zero or shrank below half its base value (float32 deltas on
-bf16/fp16 weights: only below 2**-16 of it, i.e. practically never); they cost 12-16
-bytes per patched element and are ignored when ``scale != 1``. Lossy bf16/fp16 deltas have no patches; their maximum and relative
-reconstruction errors are recorded instead.
-
-**Fingerprint.** Per targeted matrix, the SHA-256 of the weights rounded to
-bfloat16 (always through float32: ``w.float().bfloat16()``), plus their norm for
-messages. It does not change when the same checkpoint is loaded in float32,
-float64 or bfloat16 (the usual checkpoint dtypes bf16/fp16/fp32 hold values that
-these loads keep or round identically), and any change to a weight larger than
-bf16 rounding changes it. Loading a bf16/fp32 checkpoint in float16 is lossy and
-does change it: use ``strict=False`` then.
+Every entry point (``load_deltas``, ``SelectiveFFNModel.from_pretrained``,
+``merge_checkpoint``) runs the checks (layer count, parameter names, shapes, and
+the base fingerprint) before changing any weight, so a refused load leaves the
+model or checkpoint exactly as it was.
 
 Example:
     >>> from layerselect.selective_ffn import load_deltas
     >>> load_deltas(model, "adapter/")            # doctest: +SKIP
     >>> load_deltas(model, "adapter/", scale=0.5)  # half-strength  # doctest: +SKIP
+    >>> adapter = read_adapter("adapter/")                                    # doctest: +SKIP
+    >>> params = dict(model.named_parameters())                               # doctest: +SKIP
+    >>> check_base(adapter, params, num_layers=model.config.num_hidden_layers)  # doctest: +SKIP
+    True
 """
 
 from __future__ import annotations
@@ -51,18 +20,144 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import InvalidInputError
-from .adapter_file import AdapterFile, read_adapter
-from .checks import check_base, check_targets_match
-from .delta import apply_delta, apply_patch
+from ..errors import BaseModelMismatchError, InvalidInputError
+from .adapter_file import AdapterFile, read_adapter, short_list
+from .delta import apply_delta, apply_patch, fingerprint_tensor
 
-__all__ = ["apply_adapter_tensors", "load_deltas", "named_weights"]
+__all__ = [
+    "apply_adapter_tensors",
+    "check_base",
+    "check_structure",
+    "check_targets_match",
+    "fingerprint_matches",
+    "load_deltas",
+    "named_weights",
+]
 
 
+# ----------------------------------------------------------------------------------------
+# Does an adapter fit a base?
+# ----------------------------------------------------------------------------------------
+def _base_name(adapter: AdapterFile) -> str:
+    recorded = adapter.meta.get("base_model", {})
+    return recorded.get("name_or_path") or adapter.config.base_model_name_or_path or "?"
+
+
+def check_structure(
+    adapter: AdapterFile,
+    params: Mapping[str, Any],
+    num_layers: int | None,
+    what: str = "this model",
+) -> None:
+    """Refuse a base with another layer count, missing parameters or other shapes.
+
+    ``params`` maps parameter names to anything with a ``.shape``.
+    """
+    base_name = _base_name(adapter)
+    if adapter.num_layers is not None and num_layers is not None and adapter.num_layers != num_layers:
+        raise BaseModelMismatchError(
+            f"adapter {adapter.directory} was trained on {base_name!r} with {adapter.num_layers} decoder "
+            f"layers; {what} has {num_layers}"
+        )
+    missing = [n for n in adapter.tensors if n not in params]
+    if missing:
+        raise BaseModelMismatchError(
+            f"{what} has no parameter(s) {short_list(missing)} that adapter {adapter.directory} "
+            f"(trained on {base_name!r}) modifies; is it the same architecture?"
+        )
+    bad_shapes = [
+        f"{n}: adapter {tuple(info['shape'])} vs base {tuple(params[n].shape)}"
+        for n, info in adapter.tensors.items()
+        if list(params[n].shape) != list(info["shape"])
+    ]
+    if bad_shapes:
+        raise BaseModelMismatchError(
+            f"shape mismatch between adapter {adapter.directory} (trained on {base_name!r}) and {what}: "
+            + "; ".join(bad_shapes[:4])
+            + (f" and {len(bad_shapes) - 4} more" if len(bad_shapes) > 4 else "")
+        )
+
+
+def fingerprint_matches(
+    adapter: AdapterFile,
+    params: Mapping[str, torch.Tensor],
+    strict: bool = True,
+    what: str = "this model",
+) -> bool:
+    """Compare the targeted weights with the adapter's base fingerprint.
+
+    Returns True on a match; on a mismatch raises :class:`BaseModelMismatchError`
+    naming the matrices that differ, or returns False when ``strict=False``.
+    """
+    expected = adapter.fingerprint
+    if not expected:
+        if not strict:
+            return False
+        raise BaseModelMismatchError(
+            f"adapter {adapter.directory} records no base fingerprint; pass strict=False to apply it anyway"
+        )
+    differ = []
+    for name in adapter.tensors:
+        want = expected.get(name)
+        got = fingerprint_tensor(params[name])
+        if want is None or want.get("sha256") != got["sha256"]:
+            norm = f"norm {got['norm']:.6g} vs {want.get('norm', float('nan')):.6g}" if want else "not fingerprinted"
+            differ.append(f"{name} ({norm})")
+    if not differ:
+        return True
+    if not strict:
+        return False
+    dtype = adapter.meta.get("base_model", {}).get("dtype", "?")
+    raise BaseModelMismatchError(
+        f"the targeted weights of {what} differ from the base adapter {adapter.directory} was trained on "
+        f"({_base_name(adapter)!r}, {dtype}): {len(differ)} of {len(adapter.tensors)} matrices differ "
+        f"beyond bfloat16 rounding: {short_list(differ, 3)}. Typical causes: a different checkpoint, a base "
+        "that already has this adapter merged, or a float16 load of a bf16/fp32 checkpoint. "
+        "Pass strict=False to apply it anyway."
+    )
+
+
+def check_base(
+    adapter: AdapterFile,
+    params: Mapping[str, torch.Tensor],
+    num_layers: int | None,
+    strict: bool = True,
+    what: str = "this model",
+) -> bool:
+    """:func:`check_structure` then :func:`fingerprint_matches`; returns whether the fingerprint matched."""
+    check_structure(adapter, params, num_layers, what)
+    return fingerprint_matches(adapter, params, strict, what)
+
+
+def check_targets_match(adapter: AdapterFile, model: nn.Module) -> None:
+    """The adapter's tensors must be exactly the matrices its config targets on ``model``."""
+    from ..arch import get_layout
+
+    arch = get_layout(model)
+    try:
+        layers = arch.check_layers(adapter.config.layers)
+    except InvalidInputError as exc:
+        raise BaseModelMismatchError(f"adapter {adapter.directory} does not fit this model: {exc}") from None
+    expected = {n for i in layers for n in arch.parameter_names(i, adapter.config.target_modules)}
+    if expected != set(adapter.tensors):
+        extra, missing = sorted(set(adapter.tensors) - expected), sorted(expected - set(adapter.tensors))
+        raise BaseModelMismatchError(
+            f"adapter {adapter.directory} holds tensors that do not match what its config targets on this "
+            f"{arch.family} model (layers {adapter.config.layers}, targets {adapter.config.target_modules}): "
+            + (f"unexpected {short_list(extra)}" if extra else "")
+            + ("; " if extra and missing else "")
+            + (f"missing {short_list(missing)}" if missing else "")
+        )
+
+
+# ----------------------------------------------------------------------------------------
+# Applying
+# ----------------------------------------------------------------------------------------
 def named_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The parameters of the transformers model inside ``model`` (any wrapper removed), by name."""
     from ..arch import unwrap_model

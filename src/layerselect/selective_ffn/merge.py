@@ -37,8 +37,8 @@ from .._io import atomic_directory, check_output_path, contained_file, read_json
 from .._progress import progress as progress_bar
 from ..errors import BaseModelMismatchError, FormatError, InvalidInputError
 from .adapter_file import AdapterFile, read_adapter
-from .checks import check_structure, fingerprint_matches
 from .delta import apply_delta, apply_patch, dtype_name
+from .loading import check_structure, fingerprint_matches
 from .tensorfile import (
     TensorInfo,
     iter_tensor_pieces,

@@ -7,7 +7,7 @@ modules, copies or hooks on the hot path (on fused gate/up families with only on
 of gate/up targeted, one gradient hook masks the other half's rows).
 
 To save ``delta = W_trained - W_base`` it needs the original targeted matrices.
-It keeps them off the accelerator, as a *reference*:
+It keeps them off the accelerator, as a *reference* (:class:`Reference`):
 
 - ``reference="cpu"`` (default): a copy in host RAM, ``sum(targeted bytes)``
   (Llama-2-7B, 6 layers up+down: 541M parameters = 1.08 GB in bf16, 2.2 GB in fp32);
@@ -25,6 +25,10 @@ Example:
     >>> with model.disable_adapter():                                                  # doctest: +SKIP
     ...     base_logits = model(**batch).logits
     >>> merged = model.merge_and_unload()   # a plain transformers model               # doctest: +SKIP
+    >>> import torch
+    >>> ref = Reference({"w": torch.ones(2, 2)}, "cpu")
+    >>> ref.nbytes, torch.equal(ref.get("w"), torch.ones(2, 2))
+    (16, True)
 """
 
 from __future__ import annotations
@@ -32,25 +36,70 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
+import tempfile
+import weakref
 from collections.abc import Iterator, Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .._dist import gather_full, is_sharded_parameter
 from ..arch import get_layout, unwrap_model
 from ..errors import InvalidInputError
-from .adapter_file import read_adapter
-from .checks import check_base, check_targets_match
-from .config import SelectiveFFNConfig
+from .adapter_file import read_adapter, write_adapter
+from .config import SelectiveFFNConfig, Target, parameter_numel, resolve_targets
 from .delta import compute_delta, dtype_name, fingerprint_tensor, resolve_delta_dtype
-from .loading import apply_adapter_tensors
-from .reference import Reference, ReferenceMode
-from .targets import Target, parameter_numel, resolve_targets
-from .writing import write_adapter
+from .loading import apply_adapter_tensors, check_base, check_targets_match
 
-__all__ = ["SelectiveFFNModel", "get_slam_model"]
+__all__ = ["Reference", "ReferenceMode", "SelectiveFFNModel", "get_slam_model"]
+
+
+# ----------------------------------------------------------------------------------------
+# Where the original targeted matrices are kept
+# ----------------------------------------------------------------------------------------
+ReferenceMode = Literal["cpu", "disk"] | None
+
+
+class Reference:
+    """Original values of the targeted matrices, in host RAM or in a temporary file."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], mode: str):
+        self.mode = mode
+        self.names = list(tensors)
+        self.nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        self._mem: dict[str, torch.Tensor] = {}
+        self._file: Path | None = None
+        if mode == "cpu":
+            self._mem = {n: gather_full(t) for n, t in tensors.items()}  # one at a time if sharded
+        elif mode == "disk":
+            tmpdir = Path(tempfile.mkdtemp(prefix="layerselect-ref-"))
+            self._finalizer = weakref.finalize(self, shutil.rmtree, tmpdir, True)
+            self._file = tmpdir / "reference.safetensors"
+            # One tensor at a time would need a streaming writer; targets are small next to the model.
+            save_file({n: gather_full(t).contiguous() for n, t in tensors.items()}, str(self._file))
+        else:
+            raise InvalidInputError(f"reference must be 'cpu', 'disk' or None, got {mode!r}")
+
+    def get(self, name: str) -> torch.Tensor:
+        if self._file is None:
+            return self._mem[name]
+        with safe_open(str(self._file), framework="pt") as fh:
+            return fh.get_tensor(name)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for n in self.names:
+            yield n, self.get(n)
+
+    def close(self) -> None:
+        self._mem = {}
+        if self._file is not None:
+            self._finalizer()
+            self._file = None
 
 
 def _rename_legacy_keys(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:

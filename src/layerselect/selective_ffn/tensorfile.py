@@ -6,6 +6,8 @@ tile the data section and that the file is exactly as long as the header says
 (neither truncated nor padded). This module turns its errors into
 :class:`~layerselect.errors.FormatError` messages that name the file, and adds
 the one thing safetensors lacks for a merge: writing a file one tensor at a time.
+Its own module, not part of :mod:`.adapter_file`: merge reads base-model shards and
+training resumes check ``checkpoint-N/`` files with it too, none of them adapters.
 
 Example:
     >>> from layerselect.selective_ffn.tensorfile import read_safetensors_header
