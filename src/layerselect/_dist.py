@@ -21,7 +21,7 @@ from torch import nn
 
 __all__ = [
     "is_distributed", "world_size", "rank", "is_main_process", "barrier",
-    "is_sharded_parameter", "is_sharded", "gather_full", "set_full",
+    "is_dtensor", "is_sharded_parameter", "is_sharded", "gather_full", "set_full",
 ]
 
 
@@ -59,6 +59,12 @@ def _dtensor_type() -> type | None:
     except ImportError:  # torch built without distributed
         return None
     return DTensor
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """True for a ``DTensor`` (a parameter sharded by FSDP2's ``fully_shard``)."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(tensor, dtensor)
 
 
 def is_sharded_parameter(tensor: torch.Tensor) -> bool:

@@ -42,17 +42,28 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_trainable_weights(model: torch.nn.Module, path: Path, state_dict: dict | None = None) -> None:
-    """Exact values of the trainable tensors, by name (from ``state_dict`` when the Trainer gathered one)."""
+def save_trainable_weights(model: torch.nn.Module, path: Path, state_dict: dict | None = None, *,
+                           is_main_process: bool = True) -> None:
+    """Exact values of the trainable tensors, by name (from ``state_dict`` when the Trainer gathered one).
+
+    On a model sharded with FSDP2 every rank must call it (each tensor is gathered, one at
+    a time); only ``is_main_process`` writes.
+    """
     from safetensors.torch import save_file
+
+    from .._dist import gather_full, is_sharded_parameter
 
     tensors = {}
     for name, param in trainable_parameters(model).items():
         value = param
         if state_dict is not None:
             value = state_dict.get(name, next((v for k, v in state_dict.items() if k.endswith("." + name)), param))
-        tensors[name] = value.detach().contiguous().cpu()
-    save_file(tensors, str(path))
+        elif is_sharded_parameter(param):
+            value = gather_full(param)  # a collective: every rank, same order
+        if is_main_process:
+            tensors[name] = value.detach().contiguous().cpu()
+    if is_main_process:
+        save_file(tensors, str(path))
 
 
 def load_trainable_weights(model: torch.nn.Module, path: Path) -> None:
@@ -72,26 +83,35 @@ def load_trainable_weights(model: torch.nn.Module, path: Path) -> None:
             f"checkpoint {path.parent} trains {sorted(saved)[:4]}... but this model trains "
             f"{sorted(params)[:4]}...; resume with the same layers and target modules"
         )
+    from .._dist import is_sharded_parameter, set_full
+
     with torch.no_grad():
         for n, p in params.items():
-            p.copy_(saved[n].to(p.device, p.dtype))
+            if is_sharded_parameter(p):
+                set_full(p, saved[n])  # each rank keeps its own shard
+            else:
+                p.copy_(saved[n].to(p.device, p.dtype))
 
 
 def write_checkpoint_files(
     output_dir: str | os.PathLike[str], model: torch.nn.Module, slam_model: Any, training_args: Any,
-    state_dict: dict | None = None,
+    state_dict: dict | None = None, *, is_main_process: bool = True,
 ) -> None:
     """The model part of a checkpoint: adapter files, exact trainable weights, ``training_args.bin``.
 
     ``model`` is the module that trains (unwrapped); ``slam_model`` (may be None) writes the
-    adapter; ``state_dict`` is the full state a distributed Trainer gathered, if any.
+    adapter; ``state_dict`` is the full state a distributed Trainer gathered, if any. On a
+    model sharded with FSDP2 every rank calls it (the trained matrices are gathered one at a
+    time); only ``is_main_process`` writes.
     """
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
     if slam_model is not None:
-        slam_model.save_pretrained(out, state_dict=state_dict, into_existing=True)
-    save_trainable_weights(model, out / TRAINABLE_WEIGHTS_NAME, state_dict)
-    torch.save(training_args, out / TRAINING_ARGS_NAME)
+        slam_model.save_pretrained(out, state_dict=state_dict, into_existing=True, is_main_process=is_main_process)
+    save_trainable_weights(model, out / TRAINABLE_WEIGHTS_NAME, state_dict, is_main_process=is_main_process)
+    if is_main_process:
+        torch.save(training_args, out / TRAINING_ARGS_NAME)
 
 
 def resolve_checkpoint(resume: bool | str | os.PathLike[str], output_dir: str | os.PathLike[str],

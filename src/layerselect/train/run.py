@@ -162,11 +162,14 @@ def train_model(
     seconds = time.perf_counter() - start
     train_module.train(was_training)
     final = _final_dir(model, out) if save_final else None
+    if final is not None and trainer.fsdp2_sharded:  # a collective: every process gathers, the main one writes
+        model.save_pretrained(final, is_main_process=training_args.should_save)
     if training_args.should_save:
-        if final is not None:
+        if final is not None and not trainer.fsdp2_sharded:
             model.save_pretrained(final)
         save_loss_log(trainer.state.log_history, out)
         summary = _summary(trainer, train_module, model, final, train_loss, seconds, timer)
+        summary["resumed_from_step"] = _checkpoint_step(resume_from_checkpoint or None)
         atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=1) + "\n")
     barrier()  # the other processes wait until the main one has written the adapter
     return final, trainer
@@ -178,16 +181,24 @@ def _reached_max_steps(checkpoint: str, args: Any) -> bool:
     The Trainer would run one more step before it checks (a resume from
     ``checkpoint-2`` with ``max_steps=2`` trained a third), so such a resume trains none.
     """
+    if args.max_steps is None or args.max_steps <= 0:
+        return False
+    step = _checkpoint_step(checkpoint)
+    return step is not None and step >= args.max_steps
+
+
+def _checkpoint_step(checkpoint: str | None) -> int | None:
+    """The optimizer steps a checkpoint holds (its ``trainer_state.json``), None without one."""
     from .._io import read_json
 
-    state_file = Path(checkpoint) / "trainer_state.json"
-    if args.max_steps is None or args.max_steps <= 0 or not state_file.is_file():
-        return False
+    state_file = Path(checkpoint) / "trainer_state.json" if checkpoint else None
+    if state_file is None or not state_file.is_file():
+        return None
     state = read_json(state_file, "the checkpoint")
     step = state.get("global_step") if isinstance(state, dict) else None
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise FormatError(f"{state_file}: global_step is {step!r}, not a step count; the checkpoint is corrupt")
-    return step >= args.max_steps
+    return step
 
 
 def _restore_finished(trainer: SLAMTrainer, checkpoint: str) -> float:
@@ -296,6 +307,8 @@ def _summary(trainer: SLAMTrainer, train_module: torch.nn.Module, model: Any, fi
         "step_cpu_seconds": timer.cpu,
         "effective_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps
         * args.world_size,
+        "processes": args.world_size,
+        "fsdp2_sharded": trainer.fsdp2_sharded,
         "learning_rate": args.learning_rate,
         "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
         "max_grad_norm": args.max_grad_norm,

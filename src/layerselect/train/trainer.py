@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 
 from ..errors import InvalidInputError
 from .checkpoint import TRAINABLE_WEIGHTS_NAME, load_trainable_weights, write_checkpoint_files
@@ -26,7 +27,14 @@ PRIVATE_TRAINER_HOOKS: dict[str, tuple[str, ...]] = {
     "_save": ("self", "output_dir", "state_dict"),
     "_load_from_checkpoint": ("self", "resume_from_checkpoint", "model"),
     "_load_best_model": ("self",),
+    "_save_optimizer_and_scheduler": ("self", "output_dir"),
+    "_load_optimizer_and_scheduler": ("self", "checkpoint"),
 }
+
+#: The ``Trainer`` attribute that marks a model sharded before the Trainer saw it (transformers
+#: 5.2x: ``from_pretrained(distributed_config=...)``): no DDP wrap, FSDP2 gradient sync left to
+#: the model. A model sharded with :func:`layerselect.distributed.shard_slam_model` is the same case.
+PRESHARDED_ATTRIBUTE = "is_distributed_loading_by_transformers"
 
 
 class SLAMTrainer(Trainer):
@@ -37,12 +45,29 @@ class SLAMTrainer(Trainer):
     ``checkpoint-N/`` gets the adapter files, ``trainable_weights.safetensors``,
     ``training_args.bin`` and (from ``Trainer``) optimizer / scheduler / RNG /
     ``trainer_state.json``; resuming loads the trainable weights back.
+
+    A model already sharded with FSDP2 (``fully_shard``, e.g. by
+    :func:`layerselect.distributed.shard_slam_model`) trains as it is, on every
+    process of a ``torchrun`` job: the Trainer does not wrap it in DDP, FSDP2 reduces
+    the gradients, and a checkpoint holds the same files as on one process, with the
+    trained matrices and the optimizer state gathered whole (one matrix at a time).
+    So a run resumes on any number of processes.
     """
 
     def __init__(self, *args: Any, slam_model: Any = None, label_only: bool | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.slam_model = slam_model
         self.label_only = label_only
+        self.fsdp2_sharded = _has_dtensor_parameters(self.model)
+        if self.fsdp2_sharded:
+            if not hasattr(self, PRESHARDED_ATTRIBUTE):
+                raise InvalidInputError(
+                    "this transformers release cannot train a model sharded with fully_shard before the "
+                    "Trainer sees it; install transformers>=5.25"
+                )
+            # Set after Trainer.__init__: at init the flag also forbids optimizer checkpoints, which
+            # this class writes itself (gathered whole, see _save_optimizer_and_scheduler).
+            setattr(self, PRESHARDED_ATTRIBUTE, True)
 
     def _label_only_off(self, model: Any, inputs: dict[str, Any]) -> str | None:
         """Why this loss computation must take the standard path (None: label-only it is)."""
@@ -58,6 +83,8 @@ class SLAMTrainer(Trainer):
             return "the batch is not plain input_ids/attention_mask/labels"
         if self.accelerator.distributed_type == DistributedType.FSDP:
             return "FSDP (not tested with the label-only path)"
+        if self.fsdp2_sharded:
+            return "the model is sharded with fully_shard (the head must run inside the root unit's forward)"
         return label_only_reason(model)
 
     def compute_loss(
@@ -102,10 +129,11 @@ class SLAMTrainer(Trainer):
     # - ``_load_best_model`` (``load_best_model_at_end``) would look for those same weights.
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if not self.args.should_save:
+        if not self.args.should_save and not self.fsdp2_sharded:
             return
         write_checkpoint_files(output_dir if output_dir is not None else self.args.output_dir,
-                               self.accelerator.unwrap_model(self.model), self.slam_model, self.args, state_dict)
+                               self.accelerator.unwrap_model(self.model), self.slam_model, self.args, state_dict,
+                               is_main_process=self.args.should_save)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
@@ -120,3 +148,54 @@ class SLAMTrainer(Trainer):
         best = self.state.best_model_checkpoint
         if best:
             self._load_from_checkpoint(best)
+
+    # Under FSDP2 each process holds a shard of every optimizer tensor; the Trainer would save
+    # the main process's shard only. The full state, keyed by parameter name, resumes on any
+    # number of processes (torch.distributed.checkpoint.state_dict does the gathering).
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.fsdp2_sharded:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        state = get_optimizer_state_dict(self.model, _unwrap_optimizer(self.optimizer),
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.args.should_save:
+            torch.save(state, Path(output_dir) / OPTIMIZER_NAME)
+            torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / SCHEDULER_NAME)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not self.fsdp2_sharded:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        path = Path(checkpoint)
+        if not (path / OPTIMIZER_NAME).is_file() or not (path / SCHEDULER_NAME).is_file():
+            raise InvalidInputError(f"{path} has no {OPTIMIZER_NAME} / {SCHEDULER_NAME}; it cannot resume training")
+        state = torch.load(path / OPTIMIZER_NAME, map_location="cpu", weights_only=True)
+        keys = list(state.get("state", {})) if isinstance(state, dict) else None
+        if keys is None or not all(isinstance(k, str) for k in keys):
+            raise InvalidInputError(
+                f"{path / OPTIMIZER_NAME} holds an optimizer state by parameter index (written by a run that was "
+                "not sharded with fully_shard); resume it without sharding, or start a new run"
+            )
+        set_optimizer_state_dict(self.model, _unwrap_optimizer(self.optimizer), state,
+                                 options=StateDictOptions(full_state_dict=True))
+        self.lr_scheduler.load_state_dict(torch.load(path / SCHEDULER_NAME, map_location="cpu", weights_only=True))
+
+
+def _has_dtensor_parameters(model: Any) -> bool:
+    from .._dist import is_dtensor
+
+    return any(is_dtensor(p) for p in model.parameters())
+
+
+def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` (or the optimizer itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
