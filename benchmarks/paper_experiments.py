@@ -54,6 +54,13 @@ from typing import Any
 import torch
 
 ALL_RUNS = ("slam", "slam_gate", "attn", "attn_ffn", "first_n", "random", "last_n", "all_ffn", "lora", "full")
+# The paper-protocol runs (docs/results.md, "paper protocol"): they need --english-sft (GSM8K-train
+# solutions), so they are asked for by name, never run by default.
+PROTOCOL_RUNS = ("slam_guard", "translate_train", "two_stage")
+KNOWN_RUNS = (*ALL_RUNS, *PROTOCOL_RUNS)
+# Optional settings: recorded only when set, so the records made before them stay valid.
+_OPTIONAL_SETTING_KEYS = ("english_sft", "english_dev", "first_n_fraction", "lr_by_run", "retain_tolerance",
+                          "retain_every")
 GAP_LANGS = ("en", "de", "fr", "es", "ru", "zh", "ja", "sw", "th", "bn")
 TRAIN_LANGS = ("de", "es", "fr", "ja", "ru", "sw", "zh")
 # Settings that must match for a saved run to be reused.
@@ -98,6 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--english-sft", default=None, metavar="JSONL",
+                   help="GSM8K-train solutions (gsm8k_train_solutions.jsonl): enables the English dev NLL column "
+                        "(its last --english-dev problems, never trained on) and the runs that train on solutions "
+                        f"({', '.join(PROTOCOL_RUNS)})")
+    p.add_argument("--english-dev", type=int, default=None, metavar="N",
+                   help="with --english-sft: the last N problems are the English dev set (default 200)")
+    p.add_argument("--first-n-fraction", type=float, default=None, metavar="F",
+                   help="first_n trains round(F x layers) layers (the paper: 6/32) instead of as many as msd picks")
+    p.add_argument("--lr-by-run", default=None, metavar="RUN=LR,...",
+                   help="a learning rate per run (e.g. full=2e-5,two_stage=2e-5); the others use --lr")
+    p.add_argument("--retain-tolerance", type=float, default=None,
+                   help="slam_guard: relative rise of the English dev NLL that stops training (default 0.01)")
+    p.add_argument("--retain-every", type=int, default=None, help="slam_guard: measure every N steps (default 10)")
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true", help="a tiny budget for a smoke test (2 steps, 4 questions)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
@@ -120,11 +140,17 @@ def apply_quick(args: argparse.Namespace) -> None:
     """--quick: the smallest budget that still runs every code path."""
     args.steps, args.batch_size, args.grad_accum = 2, 2, 1
     args.heldout_per_lang, args.gap_questions, args.stats_questions = 2, 4, 4
-    args.bootstrap, args.max_length = 20, 128
+    args.bootstrap = 20
+    if args.max_length == build_parser().get_default("max_length"):  # an explicit --max-length stays
+        args.max_length = 128
 
 
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     out = {k: getattr(args, k) for k in _SETTING_KEYS}
+    for key in _OPTIONAL_SETTING_KEYS:
+        value = getattr(args, key, None)
+        if value is not None:
+            out[key] = Path(value).name if key == "english_sft" else value
     precision = resolved_precision(args)
     if precision != "fp32":  # absent = fp32: the records made before the option stay valid
         out["precision"] = precision
@@ -163,8 +189,8 @@ def expand_runs(runs: Sequence[str], seeds: Sequence[int]) -> list[str]:
     """Run names in order, ``random`` expanded to ``random_s{seed}``; ``base`` first."""
     out = ["base"]
     for r in runs:
-        if r not in ALL_RUNS and r != "base":
-            raise SystemExit(f"unknown run {r!r}; use some of {', '.join(ALL_RUNS)}")
+        if r not in KNOWN_RUNS and r != "base":
+            raise SystemExit(f"unknown run {r!r}; use some of {', '.join(KNOWN_RUNS)}")
         names = [f"random_s{s}" for s in seeds] if r == "random" else [r]
         out += [n for n in names if n not in out]
     return out
@@ -196,9 +222,45 @@ def load_data(args: argparse.Namespace, tokenizer: Any) -> dict[str, Any]:
     questions = {g: [e.question for e in task.load(args.mgsm, g, args.gap_questions)] for g in langs}
     solutions = load_solutions(args.solutions, limit=args.gap_questions)
     stats_texts = {g: [e.question for e in task.load(args.mgsm, g, args.stats_questions)] for g in langs}
-    return {"train": features, "heldout": [held[i] for i in range(len(held))], "english": english,
+    data = {"train": features, "heldout": [held[i] for i in range(len(held))], "english": english,
             "questions": questions, "solutions": solutions, "stats_texts": stats_texts,
             "train_pairs": len(train), "heldout_pairs": len(heldout)}
+    if getattr(args, "english_sft", None):
+        data.update(solution_data(args, tokenizer, train, need))
+    return data
+
+
+def solution_data(args: argparse.Namespace, tokenizer: Any, train_pairs: Sequence[Any], need: int) -> dict[str, Any]:
+    """What the paper protocol adds: the English dev set, English SFT and X-question SFT features.
+
+    The last ``--english-dev`` GSM8K-train problems are the dev set: measured, never trained
+    on (the math-tuned model held them out too). ``sft``: English question -> solution;
+    ``translate_train``: the question in X (a training translation pair, joined on its
+    English side, word for word) -> the English solution. Both in a fixed shuffled order,
+    exactly ``need`` examples, in the prompt the reasoning gap scores.
+    """
+    if str(Path(__file__).parent) not in sys.path:  # the sibling script, also when this one is loaded by path
+        sys.path.insert(0, str(Path(__file__).parent))
+    from make_math_model import DEV_SIZE, read_problems, sft_features
+
+    problems = read_problems(args.english_sft)
+    n_dev = args.english_dev or DEV_SIZE
+    fit, dev = problems[:-n_dev], problems[-n_dev:]
+    dev_feats = sft_features(tokenizer, dev, 10**6)
+    for f in dev_feats:  # scored like the gap: the solution, not the EOS
+        f["labels"][-1] = -100
+    rng = random.Random(args.seed)
+    order = list(range(len(fit)))
+    rng.shuffle(order)
+    sft = sft_features(tokenizer, [fit[i] for i in order[: need * 2]], args.max_length)[:need]
+    solution_of = {rec["question"].strip(): rec["solution"] for rec in fit}
+    joined = [{"question": ex.source, "solution": solution_of[ex.target.strip()]}
+              for ex in train_pairs if ex.target.strip() in solution_of]
+    rng.shuffle(joined)
+    translated = sft_features(tokenizer, joined[: need * 2], args.max_length)[:need]
+    if len(sft) < need or len(translated) < need:
+        raise SystemExit(f"only {len(sft)} English / {len(translated)} X-question SFT examples for {need} needed")
+    return {"english_dev": dev_feats, "sft": sft, "translate_train": translated, "translate_train_joinable": len(joined)}
 
 
 # ----------------------------------------------------------------------------------------- measures
@@ -214,6 +276,9 @@ def measure(model: Any, tokenizer: Any, data: dict[str, Any], args: argparse.Nam
         name: translation_loss(model, tokenizer, data[key], batch_size=args.eval_batch_size, precision=precision)
         for name, key in (("heldout_translation_loss", "heldout"), ("english_loss", "english"))
     }
+    if "english_dev" in data:
+        out["english_dev_nll"] = translation_loss(model, tokenizer, data["english_dev"],
+                                                  batch_size=args.eval_batch_size, precision=precision)
     gap = reasoning_gap(model, tokenizer, data["questions"], data["solutions"], batch_size=args.eval_batch_size,
                         bootstrap=args.bootstrap, seed=args.seed, precision=precision)
     out["gap"] = gap
@@ -227,8 +292,9 @@ def measure(model: Any, tokenizer: Any, data: dict[str, Any], args: argparse.Nam
 
 
 # ----------------------------------------------------------------------------------------- runs
-def run_spec(name: str, model: Any, msd_layers: list[int]) -> dict[str, Any]:
-    """What a run trains: ``{"kind": "selective"|"lora"|"full"|"none", "layers", "targets"}``."""
+def run_spec(name: str, model: Any, msd_layers: list[int], first_n_fraction: float | None = None) -> dict[str, Any]:
+    """What a run trains: ``{"kind": "selective"|"lora"|"full"|"none", "layers", "targets"}``
+    (plus ``"variant"`` for the runs whose data or schedule differ: slam_guard, translate_train, two_stage)."""
     from layerselect.arch import get_layout
     from layerselect.selection import select
 
@@ -238,6 +304,12 @@ def run_spec(name: str, model: Any, msd_layers: list[int]) -> dict[str, Any]:
         return {"kind": "none", "layers": [], "targets": []}
     if name in ("lora", "full"):
         return {"kind": name, "layers": list(range(n_layers)), "targets": ["all-linear"] if name == "lora" else ["all"]}
+    if name in ("translate_train", "two_stage"):
+        return {"kind": "full", "layers": list(range(n_layers)), "targets": ["all"], "variant": name}
+    if name == "slam_guard":
+        return {"kind": "selective", "layers": list(msd_layers), "targets": ["up", "down"], "variant": name}
+    if name == "first_n" and first_n_fraction:
+        k = max(1, round(first_n_fraction * n_layers))
     if name.startswith("random_s"):  # the library's random criterion, as many layers as msd picks
         layers = select(model=model, criterion="random", k=k, seed=int(name.removeprefix("random_s"))).layers
         return {"kind": "selective", "layers": list(layers), "targets": ["up", "down"]}
@@ -282,7 +354,7 @@ def prepare(model: Any, spec: dict[str, Any], savable: bool = False) -> tuple[An
 
 
 def train(model: Any, tokenizer: Any, features: Sequence[dict[str, list[int]]], args: argparse.Namespace,
-          run_dir: Path) -> dict[str, Any]:
+          run_dir: Path, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Train through ``layerselect.train.train_model``, the loop users run; returns losses and timings per step.
 
     The harness's settings are training options: a constant lr without warmup, AdamW
@@ -316,16 +388,63 @@ def train(model: Any, tokenizer: Any, features: Sequence[dict[str, list[int]]], 
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         optim="adamw_torch", logging_steps=1, seed=args.seed, disable_tqdm=True,
         save_strategy="steps" if every else "no", save_steps=every or 500, save_total_limit=1,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(), callbacks=list(callbacks),
     )
     model.eval()
     summary = json.loads((run_dir / "train_summary.json").read_text())
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     walls, cpus = summary["step_seconds"], summary["step_cpu_seconds"]
     timed, timed_cpu = walls[1:] or walls, cpus[1:] or cpus
-    return {"train_loss": losses, "resumed_at_step": resumed_at,
+    return {"train_loss": losses, "resumed_at_step": resumed_at, "steps_trained": summary["steps"],
             "s_per_step": sum(timed) / len(timed) if timed else None,
-            "cpu_s_per_step": sum(timed_cpu) / len(timed_cpu) if timed_cpu else None, "step_seconds": walls}
+            "cpu_s_per_step": sum(timed_cpu) / len(timed_cpu) if timed_cpu else None, "step_seconds": walls,
+            "train_seconds": sum(walls)}
+
+
+def run_args(name: str, args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with this run's learning rate (``--lr-by-run``), else ``--lr``."""
+    lrs = dict(item.split("=", 1) for item in _csv(args.lr_by_run or ""))
+    unknown = set(lrs) - set(KNOWN_RUNS)
+    if unknown:
+        raise SystemExit(f"--lr-by-run names unknown runs {sorted(unknown)}; use some of {', '.join(KNOWN_RUNS)}")
+    out = argparse.Namespace(**vars(args))
+    if name in lrs:
+        out.lr = float(lrs[name])
+    return out
+
+
+def train_run(name: str, model: Any, tokenizer: Any, data: dict[str, Any], args: argparse.Namespace,
+              run_dir: Path) -> dict[str, Any]:
+    """Train run ``name`` on its data: the translation pairs, X-question SFT, or both stages of two_stage."""
+    rargs = run_args(name, args)
+    if name == "translate_train":
+        return {**train(model, tokenizer, data["translate_train"], rargs, run_dir), "lr": rargs.lr}
+    if name == "two_stage":  # QAlign: full fine-tuning on the translations, then English SFT to restore reasoning
+        first = train(model, tokenizer, data["train"], rargs, run_dir / "stage1")
+        model.train()
+        second = train(model, tokenizer, data["sft"], rargs, run_dir / "stage2")
+        return {"lr": rargs.lr, "stages": {"translation": first, "english_sft": second},
+                "train_loss": first["train_loss"] + second["train_loss"],
+                "s_per_step": (first["train_seconds"] + second["train_seconds"])
+                / max(len(first["step_seconds"]) + len(second["step_seconds"]), 1),
+                "step_seconds": first["step_seconds"] + second["step_seconds"],
+                "train_seconds": first["train_seconds"] + second["train_seconds"]}
+    callbacks = []
+    if name == "slam_guard":
+        callbacks.append(retention_guard(tokenizer, data, args))
+    timing = train(model, tokenizer, data["train"], rargs, run_dir, callbacks)
+    if callbacks:
+        timing["retention"] = callbacks[0].summary()
+    return {**timing, "lr": rargs.lr}
+
+
+def retention_guard(tokenizer: Any, data: dict[str, Any], args: argparse.Namespace) -> Any:
+    """The library's retention guard on the English dev set (stop when its NLL rises by the tolerance)."""
+    from layerselect.train import RetentionGuard
+
+    return RetentionGuard(data["english_dev"], tokenizer, every=args.retain_every or 10,
+                          tolerance=0.01 if args.retain_tolerance is None else args.retain_tolerance,
+                          mode="stop", batch_size=args.eval_batch_size, data_name="English dev set")
 
 
 def base_selection(stats: Any) -> dict[str, Any]:
@@ -347,6 +466,7 @@ def finished_twin(out: Path, name: str, spec: dict[str, Any], settings: dict[str
         return None
     for rec in load_runs(out):  # in table order: slam is the twin named before its controls
         if (rec.get("run") != name and "same_as" not in rec and rec.get("settings") == settings
+                and rec.get("variant") == spec.get("variant")
                 and (rec.get("kind"), rec.get("layers"), rec.get("targets")) == (spec["kind"], spec["layers"], spec["targets"])):
             return rec
     return None
@@ -368,7 +488,7 @@ def do_run(name: str, args: argparse.Namespace) -> dict[str, Any]:
         msd_layers = json.loads(sel_path.read_text())["layers"]
     else:
         msd_layers = []
-    spec = run_spec(name, model, msd_layers)
+    spec = run_spec(name, model, msd_layers, args.first_n_fraction)
     twin = finished_twin(out, name, spec, settings_of(args))
     if twin is not None:  # e.g. first_n when msd picks the first layers: the same training, already measured
         print(f"[experiments] {name}: trains exactly what {twin['run']} trained; its record is reused",
@@ -380,7 +500,9 @@ def do_run(name: str, args: argparse.Namespace) -> dict[str, Any]:
     # a selective model's checkpoints hold its adapter, which needs the base matrices
     trainable_model, trainable, total = prepare(model, spec, savable=save_adapter or bool(args.checkpoint_every))
     run_dir = out / "checkpoints" / name
-    timing = train(trainable_model, tokenizer, data["train"], args, run_dir) if spec["kind"] != "none" else {}
+    if spec.get("variant") and "english_dev" not in data:
+        raise SystemExit(f"run {name!r} needs --english-sft (the GSM8K-train solutions)")
+    timing = train_run(name, trainable_model, tokenizer, data, args, run_dir) if spec["kind"] != "none" else {}
     if save_adapter:  # before measuring: the adapter is the run's product, the measures are about it
         trainable_model.save_pretrained(out / "adapters" / name)
     measures, stats = measure(trainable_model, tokenizer, data, args)
@@ -498,7 +620,7 @@ def lr_trial(args: argparse.Namespace, lr: float, folder: Path) -> dict[str, Any
 # ----------------------------------------------------------------------------------------- report
 def load_runs(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
     runs = [json.loads(p.read_text()) for p in sorted(Path(out, "runs").glob("*.json"))]
-    order = {n: i for i, n in enumerate(("base", *ALL_RUNS))}
+    order = {n: i for i, n in enumerate(("base", *KNOWN_RUNS))}
     return sorted(runs, key=lambda r: (order.get(r["run"].split("_s")[0] if r["run"].startswith("random") else r["run"], 99),
                                        r["run"]))
 
@@ -507,6 +629,20 @@ def _mean_other_nll(gap: dict[str, Any]) -> float:
     """Mean NLL over the non-reference languages: avg gap = this - NLL of the reference, exactly."""
     others = [x for x in gap["langs"] if x != gap["reference"]]
     return sum(gap["nll"][x] for x in others) / len(others) if others else float("nan")
+
+
+def _train_seconds(run: dict[str, Any]) -> float | None:
+    """Wall-clock training time of a run (its optimizer steps; None when it did not train)."""
+    if "train_seconds" in run:
+        return run["train_seconds"]
+    return sum(run["step_seconds"]) if run.get("step_seconds") else None
+
+
+def _time_cell(run: dict[str, Any], slam_time: float | None) -> str:
+    t = _train_seconds(run)
+    if t is None or "same_as" in run:
+        return "-"
+    return f"{t:.0f} ({t / slam_time:.1f}x)" if slam_time else f"{t:.0f}"
 
 
 def _iv(x: Any) -> str:
@@ -550,9 +686,12 @@ def write_table(out: str | os.PathLike[str], md_path: str | os.PathLike[str], no
                   f"reasoning gap on the first {s['gap_questions']} MGSM questions in {s['gap_langs']} "
                   f"({s['bootstrap']} bootstrap resamples); overlap statistics on {s['stats_questions']} "
                   "questions per language.", ""]
+    dev = any("english_dev_nll" in r for r in runs)
+    slam_time = next((_train_seconds(r) for r in runs if r["run"] == "slam"), None)
     lines += ["| run | layers | targets | trainable | s/step | peak RSS MB | held-out transl. loss | "
-              "English loss | NLL en | NLL non-en (mean) | avg gap [95% CI] | Δ avg gap vs base [95% paired CI] |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "English loss | NLL en | NLL non-en (mean) | avg gap [95% CI] | Δ avg gap vs base [95% paired CI] |"
+              + (" English dev NLL | training time s (x slam) |" if dev else ""),
+              "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if dev else "")]
     for r in runs:
         g = r["gap"]
         d, lo, hi = paired_gap_delta(r, base) if base and r is not base else (float("nan"),) * 3
@@ -563,7 +702,8 @@ def write_table(out: str | os.PathLike[str], md_path: str | os.PathLike[str], no
             f"{r['trainable_params']:,} ({r['trainable_pct']:.2f}%) | {step} | {r['peak_rss_mb']:.0f} | "
             f"{r['heldout_translation_loss']:.4f} | {r['english_loss']:.4f} | {g['nll'][g['reference']]:.4f} | "
             f"{_mean_other_nll(g):.4f} | "
-            f"{g['avg_gap']:+.4f} {_iv(g.get('avg_gap_interval'))} | {'-' if r['run'] == 'base' else f'{d:+.4f} [{lo:+.4f}, {hi:+.4f}]'} |")
+            f"{g['avg_gap']:+.4f} {_iv(g.get('avg_gap_interval'))} | {'-' if r['run'] == 'base' else f'{d:+.4f} [{lo:+.4f}, {hi:+.4f}]'} |"
+            + (f" {r.get('english_dev_nll', float('nan')):.4f} | {_time_cell(r, slam_time)} |" if dev else ""))
     if base:
         # the gap shrinks when the other languages improve or when English gets worse: say which
         lines += ["", "Where the change of the gap comes from: NLL of the English reference and mean NLL of the "

@@ -307,3 +307,52 @@ def test_a_broken_checkpoint_is_refused_by_name(setup, tmp_path, broken):
     with pytest.raises(LayerSelectError, match=target.name):
         mod.train(slam, tok, features, opts, run_dir)
     assert all(torch.equal(p, before[n]) for n, p in slam.named_parameters())  # nothing half-applied
+
+
+def test_paper_protocol_runs_dev_nll_time_ratio_and_guard(setup, tmp_path):
+    """--english-sft: the English dev column, slam_guard, translate_train, two_stage, first_n by fraction."""
+    from layerselect.train import translation_loss
+
+    root, args = setup
+    mod = _load_script()
+    # GSM8K-style records: the English side of every training pair, word for word, plus 2 dev problems
+    dev = ["Tom has 3 apples and buys 4 more. How many in all?", "What is 10 minus 3 today?"]
+    problems = [{"index": i, "question": q, "solution": f"{q.split()[2]} + 2 = 5\n#### 5"}
+                for i, q in enumerate(ENGLISH + dev)]
+    sft = tmp_path / "gsm8k_train.jsonl"
+    sft.write_text("".join(json.dumps(p) + "\n" for p in problems), encoding="utf-8")
+    out = tmp_path / "out"
+    argv = [a if a != str(root / "out") else str(out) for a in args]
+    assert mod.main([*argv, "--runs", "slam,slam_guard,first_n,translate_train,two_stage", "--max-length", "512",
+                     "--english-sft", str(sft), "--english-dev", "2", "--first-n-fraction", "0.5",
+                     "--lr-by-run", "two_stage=0.002", "--retain-every", "1"]) == 0
+    runs = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
+    assert {"base", "slam", "slam_guard", "first_n", "translate_train", "two_stage"} <= set(runs)
+    assert runs["first_n"]["layers"] == [0, 1]  # round(0.5 x 4 layers)
+    # the guard's run is not the plain slam run's twin, and it reports the guard's curve
+    assert "same_as" not in runs["slam_guard"] and runs["slam_guard"]["retention"]["baseline"] > 0
+    assert runs["two_stage"]["variant"] == "two_stage" and runs["two_stage"]["lr"] == 0.002
+    stages = runs["two_stage"]["stages"]
+    assert len(stages["translation"]["train_loss"]) == len(stages["english_sft"]["train_loss"]) == 2
+    assert runs["two_stage"]["train_seconds"] == pytest.approx(
+        stages["translation"]["train_seconds"] + stages["english_sft"]["train_seconds"])
+    assert runs["translate_train"]["kind"] == "full" and runs["translate_train"]["lr"] == runs["slam"]["lr"]
+    # the English dev NLL of the base row: the dev problems' solutions, scored as the gap scores them
+    from layerselect.eval import gap_item
+
+    tok = tiny_tokenizer()
+    feats = []
+    for p in problems[-2:]:
+        ids, target = gap_item(tok, p["question"], p["solution"])
+        feats.append({"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, target)],
+                      "attention_mask": [1] * len(ids)})
+    model = tiny_model("llama", dtype=torch.float32, max_position_embeddings=512)
+    want = translation_loss(model, tok, feats)
+    assert runs["base"]["english_dev_nll"] == pytest.approx(want, rel=1e-6)
+    assert all("english_dev_nll" in r for r in runs.values())
+    md = tmp_path / "t.md"
+    text = mod.write_table(out, md)
+    slam_line = next(line for line in text.splitlines() if line.startswith("| slam |"))
+    assert "English dev NLL" in text and "(1.0x)" in slam_line
+    with pytest.raises(SystemExit, match="needs --english-sft"):
+        mod.main([*args, "--runs", "two_stage"])
