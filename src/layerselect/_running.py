@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 
 from .errors import InvalidInputError
 
-__all__ = ["eval_mode", "pad_batch", "pad_token_id"]
+__all__ = ["context_length", "eval_mode", "pad_batch", "pad_token_id", "warn_cut_to_context"]
 
 
 def pad_token_id(tokenizer: Any, *, required: bool = False) -> int:
@@ -87,3 +88,44 @@ def pad_batch(
         ids[row, cols] = torch.as_tensor(list(x), dtype=torch.long)
         mask[row, cols] = 1
     return ids, mask
+
+
+def context_length(model: Any) -> int | None:
+    """The most positions ``model`` was built for: ``config.max_position_embeddings`` (None if unknown).
+
+    Wrappers (a selective-FFN or PEFT model, DDP) are looked through.
+
+    Example:
+        >>> class Model: config = type("Config", (), {"max_position_embeddings": 256})()
+        >>> context_length(Model())
+        256
+    """
+    from .arch import unwrap_model
+
+    base = unwrap_model(model) if isinstance(model, torch.nn.Module) else model
+    config = getattr(base, "config", None)
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None:  # multimodal configs keep it in their text part
+        limit = getattr(getattr(config, "text_config", None), "max_position_embeddings", None)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        return None
+    return limit
+
+
+def warn_cut_to_context(cut: int, total: int, limit: int, longest: int, what: str, *, stacklevel: int = 3) -> None:
+    """Warn that ``cut`` of ``total`` ``what`` were cut to the model's ``limit`` positions (nothing if 0).
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as seen:
+        ...     warnings.simplefilter("always")
+        ...     warn_cut_to_context(2, 5, 256, 6800, "texts")
+        >>> print(seen[0].message)
+        2 of 5 texts are longer than the model's 256 positions (longest 6800 tokens); cut to 256 tokens
+    """
+    if cut:
+        warnings.warn(
+            f"{cut} of {total} {what} are longer than the model's {limit} positions "
+            f"(longest {longest} tokens); cut to {limit} tokens",
+            stacklevel=stacklevel,
+        )

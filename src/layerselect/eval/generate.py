@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .._running import pad_batch, pad_token_id
+from .._running import context_length, pad_batch, pad_token_id, warn_cut_to_context
 from ..errors import InvalidInputError
 from ..precision import autocast, model_device, model_dtype, resolve_precision
 
@@ -92,6 +92,14 @@ class TransformersGenerator:
         stop: stop strings; the response is cut before the first one.
         precision: ``"fp32"`` (default), ``"bf16"`` autocast or ``"auto"`` (bf16 where the
             hardware is fast at it; :mod:`layerselect.precision`).
+        warn_cut: warn when prompts are cut to the model's context (below); the count
+            is kept in ``self.truncated_prompts`` either way.
+
+    Generation stays inside the model's positions (``config.max_position_embeddings``):
+    a prompt longer than the context minus the room for the answer (``max_new_tokens``,
+    at most half the context) loses its *beginning* (the end holds the question's last
+    words and the response cue), and a batch whose longest prompt leaves fewer than
+    ``max_new_tokens`` positions generates only up to the context.
 
     Example:
         >>> from tiny import tiny_model, tiny_tokenizer  # doctest: +SKIP
@@ -107,6 +115,7 @@ class TransformersGenerator:
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         stop: Sequence[str] = DEFAULT_STOP,
         precision: str = "fp32",
+        warn_cut: bool = True,
     ) -> None:
         if batch_size < 1:
             raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
@@ -121,12 +130,40 @@ class TransformersGenerator:
         self.stop = tuple(stop)
         self.pad_token_id = pad_token_id(tokenizer, required=True)
         self.precision = resolve_precision(precision, model_device(self.model), model_dtype(model))
+        self.warn_cut = warn_cut
+        self.truncated_prompts = 0  # prompts cut to the model's context so far
+
+    def prompt_room(self) -> int | None:
+        """How many prompt tokens fit before the answer's room in the model's context (None: no limit)."""
+        limit = context_length(self.model)
+        return None if limit is None else max(1, limit - min(self.max_new_tokens, limit // 2))
+
+    def count_cut(self, prompts: Sequence[str]) -> tuple[int, int]:
+        """``(how many of prompts would be cut to the context, the longest one in tokens)``; nothing runs."""
+        room = self.prompt_room()
+        lengths = [len(x) for x in self.tokenizer(list(prompts))["input_ids"]] if room is not None else []
+        return sum(n > room for n in lengths) if room is not None else 0, max(lengths, default=0)
+
+    def _fit_context(self, encoded: list[list[int]]) -> tuple[list[list[int]], int]:
+        """Prompts cut to the model's context (keeping their ends), and the new tokens that still fit."""
+        limit, keep = context_length(self.model), self.prompt_room()
+        if limit is None or keep is None:
+            return encoded, self.max_new_tokens
+        cut = sum(len(x) > keep for x in encoded)
+        if cut:
+            longest = max(len(x) for x in encoded)
+            encoded = [x[-keep:] for x in encoded]
+            self.truncated_prompts += cut
+            if self.warn_cut:
+                warn_cut_to_context(cut, len(encoded), limit, longest, "prompts", stacklevel=4)
+        return encoded, max(1, min(self.max_new_tokens, limit - max(len(x) for x in encoded)))
 
     @torch.inference_mode()
     def generate_batch(self, prompts: Sequence[str]) -> list[str]:
         """One ``generate`` call over ``prompts`` (left padded)."""
         tok = self.tokenizer
-        ids, mask = pad_batch(tok(list(prompts))["input_ids"], self.pad_token_id, padding_side="left")
+        encoded, new_tokens = self._fit_context([list(x) for x in tok(list(prompts))["input_ids"]])
+        ids, mask = pad_batch(encoded, self.pad_token_id, padding_side="left")
         device = model_device(self.model)
         eos = getattr(self.model.generation_config, "eos_token_id", None)
         if eos is None:
@@ -134,11 +171,12 @@ class TransformersGenerator:
         # transformers stops a row once its text ends with a stop string; the cut below removes it.
         stop_strings = [s for s in self.stop if s] or None
         with autocast(self.precision, device):
-            out = self._generate(ids.to(device), mask.to(device), eos, stop_strings)
+            out = self._generate(ids.to(device), mask.to(device), eos, stop_strings, new_tokens)
         texts = tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
         return [truncate_at_stop(t, self.stop) for t in texts]
 
-    def _generate(self, ids: torch.Tensor, mask: torch.Tensor, eos: Any, stop_strings: list[str] | None) -> Any:
+    def _generate(self, ids: torch.Tensor, mask: torch.Tensor, eos: Any, stop_strings: list[str] | None,
+                  max_new_tokens: int | None = None) -> Any:
         tok = self.tokenizer
         return self.model.generate(
             input_ids=ids,
@@ -148,7 +186,7 @@ class TransformersGenerator:
             temperature=None,
             top_p=None,
             top_k=None,
-            max_new_tokens=self.max_new_tokens,
+            max_new_tokens=max_new_tokens or self.max_new_tokens,
             pad_token_id=self.pad_token_id,
             eos_token_id=eos,
             stop_strings=stop_strings,

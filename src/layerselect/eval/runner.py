@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ import torch
 
 from .._io import atomic_write_text, write_json
 from .._progress import progress as progress_bar
+from .._running import context_length
 from ..errors import FormatError, InvalidInputError
 from .generate import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -185,7 +187,10 @@ def evaluate(
     Returns:
         :func:`~layerselect.eval.metrics.score_table` output plus ``"task"``,
         ``"model"`` and ``"markdown"``. PCR is empty when ``reference`` is not
-        among ``langs``.
+        among ``langs``. With the transformers backend, ``"truncated_to_context"``
+        (``{lang: n}``, also in ``results.json``) counts the prompts that did not fit the
+        model's positions with room for the answer and lost their beginning (a warning per
+        language says so; see :class:`~layerselect.eval.generate.TransformersGenerator`).
     """
     task = get_task(task)
     data = task.resolve_data(data)  # None or "mgsm" -> the bundled MGSM
@@ -214,11 +219,30 @@ def evaluate(
             settings["precision"] = generator.precision  # absent = fp32, as every run before it
         _check_run(out, settings, overwrite)
     step = batch_size if backend == "transformers" or custom else max(batch_size, 256)
+    cut = _prompts_cut(task, examples, generator)
     correct = {
         lang: _answer_lang(task, lang, examples[lang], generator, step, out, overwrite=overwrite, verbose=verbose)
         for lang in langs
     }
-    return _finish(correct, task, name, reference, out, verbose)
+    return _finish(correct, task, name, reference, out, verbose, extra={"truncated_to_context": cut} if cut else None)
+
+
+def _prompts_cut(task: Task, examples: dict[str, list[Example]], generator: Generator) -> dict[str, int] | None:
+    """Per language, how many prompts are cut to the model's context (one warning each); None for other backends."""
+    if not isinstance(generator, TransformersGenerator):
+        return None
+    generator.warn_cut = False  # one warning per language here, not one per batch
+    limit = context_length(generator.model)
+    cut = {}
+    for lang, exs in examples.items():
+        cut[lang], longest = generator.count_cut([build_prompt(task.format_query(e)) for e in exs])
+        if cut[lang] and limit is not None:
+            warnings.warn(
+                f"{cut[lang]} of {len(exs)} {task.name} {lang} prompts do not fit the model's {limit} positions "
+                f"with room for the answer (longest {longest} tokens); their beginning is cut",
+                stacklevel=3,
+            )
+    return cut
 
 
 def _resolve_langs(task: Task, data: Path, langs: Sequence[str] | None) -> list[str]:
@@ -339,10 +363,11 @@ def _answer_lang(
 
 
 def _finish(correct: dict[str, dict[str, bool]], task: Task, name: str, reference: str,
-            out: Path | None, verbose: bool) -> dict[str, Any]:
+            out: Path | None, verbose: bool, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     table = score_table(correct, reference=reference)
     table["task"] = task.name
     table["model"] = name
+    table.update(extra or {})
     title = f"{task.name}"
     md = write_results(out, table, title=title) if out is not None else format_table(table, title=title)
     table["markdown"] = md
@@ -402,6 +427,12 @@ def rescore(
                 raise FormatError(
                     f"{path}: record {i} lacks {missing or ['a text response']}; it was not written by "
                     "layerselect eval. Regenerate with overwrite=True"
+                )
+            problem = task.gold_problem(rec["gold"])
+            if problem is not None:
+                raise FormatError(
+                    f"{path}: record {i} (id {rec['id']!r}), field 'gold': {problem}; fix the record, "
+                    "or regenerate with overwrite=True"
                 )
             rec["prediction"] = task.extract(rec["response"])
             rec["correct"] = task.is_correct(rec["prediction"], rec["gold"])

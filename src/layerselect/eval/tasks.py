@@ -168,6 +168,21 @@ class Task:
             return False
         return math.isclose(float(prediction), float(gold), rel_tol=1e-9, abs_tol=1e-6)
 
+    def gold_problem(self, gold: object) -> str | None:
+        """Why a saved gold answer cannot be scored by :meth:`is_correct` (None when it can).
+
+        Example:
+            >>> get_task("mgsm").gold_problem("five")
+            "'five' is not a number"
+        """
+        if isinstance(gold, bool) or not isinstance(gold, (int, float, str)):
+            return f"{gold!r} is not a number"
+        try:
+            value = float(gold)
+        except ValueError:
+            return f"{gold!r} is not a number"
+        return None if math.isfinite(value) else f"{gold!r} is not a finite number"
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -320,6 +335,11 @@ class XCSQA(Task):
 
     def is_correct(self, prediction: float | str | None, gold: float | str) -> bool:
         return prediction is not None and str(prediction).upper() == str(gold).upper()
+
+    def gold_problem(self, gold: object) -> str | None:
+        if not isinstance(gold, str) or not gold.strip():
+            return f"{gold!r} is not an answer label such as 'B'"
+        return None
 
 
 #: Registered tasks by name.

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 import uuid
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +22,7 @@ from torch import nn
 
 from .._dist import is_distributed, is_sharded, rank, world_size
 from .._progress import progress as progress_bar
-from .._running import eval_mode, pad_batch, pad_token_id
+from .._running import context_length, eval_mode, pad_batch, pad_token_id, warn_cut_to_context
 from ..arch import get_layout, unwrap_model
 from ..errors import InvalidInputError, NumericalError
 from ..precision import autocast, model_dtype
@@ -78,18 +77,21 @@ def check_materialized(model: nn.Module) -> None:
         )
 
 
-def _warn_if_too_long(model: nn.Module, samples: Sequence[_Sample]) -> None:
-    limit = getattr(getattr(unwrap_model(model), "config", None), "max_position_embeddings", None)
-    if not isinstance(limit, int):
-        return
+def _cut_to_context(model: nn.Module, samples: Sequence[_Sample]) -> int:
+    """Cut every text to the model's positions (``max_position_embeddings``); warn and return how many.
+
+    Tokens past the context come from positions the model was never trained on:
+    counting them would measure something else (6,800 tokens were counted on a
+    256-position model before this cut).
+    """
+    limit = context_length(model)
+    if limit is None:
+        return 0
     longer = [len(s.ids) for s in samples if len(s.ids) > limit]
-    if longer:
-        warnings.warn(
-            f"{len(longer)} of {len(samples)} texts are longer than the model's {limit} positions "
-            f"(longest {max(longer)} tokens); the statistics of those tokens come from positions the model "
-            "was not trained on. Pass max_length to truncate them.",
-            stacklevel=3,
-        )
+    for s in samples:
+        del s.ids[limit:]
+    warn_cut_to_context(len(longer), len(samples), limit, max(longer, default=0), "texts", stacklevel=4)
+    return len(longer)
 
 
 def _dist_info() -> tuple[int, int]:
@@ -121,7 +123,9 @@ def collect_stats(
         batch_size: texts per forward pass (texts are sorted by length first).
         layers: decoder layer indices to measure (default: all); the forward
             stops after the last one.
-        max_length: truncate longer texts to this many tokens (default: no truncation).
+        max_length: truncate longer texts to this many tokens (default: the model's
+            ``config.max_position_embeddings``). Texts longer than the model's positions are
+            always cut to them, with a warning; ``meta["truncated_to_context"]`` records how many.
         padding_side: ``"right"`` (default) or ``"left"`` (position ids come from the
             mask and pad rows are zeroed so they cannot leak NaN into real tokens).
         per_sample_counts: also keep ``sample_counts[s, l, n]`` (large: S x L x N).
@@ -150,7 +154,7 @@ def collect_stats(
         raise InvalidInputError("layers is empty; pass at least one layer index or None for all")
     groups = list(texts.keys())
     samples = _tokenize(tokenizer, texts, max_length)
-    _warn_if_too_long(model, samples)
+    cut = _cut_to_context(model, samples)
     rank, world = _dist_info()
     my_batches, padded = _plan_batches(samples, batch_size, rank, world, sharded=world > 1 and is_sharded(model))
     started = time.time()
@@ -166,7 +170,8 @@ def collect_stats(
             padding_side=padding_side, per_sample=per_sample_counts, show_progress=progress and rank == 0,
         )
     meta = _run_meta(model, layout, model_name, padding_side, batch_size, max_length, world, started)
-    return _reduce(trace, samples, groups, layer_ids, sample_counts, world, meta={**meta, "precision": used})
+    meta.update(precision=used, truncated_to_context=cut)
+    return _reduce(trace, samples, groups, layer_ids, sample_counts, world, meta=meta)
 
 
 def _trace_batches(
