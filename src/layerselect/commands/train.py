@@ -60,6 +60,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-order", choices=("length", "random", "sequential"), default="length",
                    help="length (default): batches of pairs of similar length, far less padding; random: the "
                         "Trainer's shuffle; sequential: the data's own order")
+    p.add_argument("--retain", default=None, metavar="SPEC",
+                   help="retention guard: measure the NLL of a held-out reference-language set before training and "
+                        "every --retain-every steps, and act when it rises by more than --retain-tolerance over that "
+                        "baseline. SPEC: gsm8k (200 bundled English GSM8K-train problems), gsm8k:FILE (question/"
+                        "solution JSON lines), or translation pairs as for --train-data (jsonl:FILE, pairs:DIR, hf:DIR)")
+    p.add_argument("--retain-tolerance", type=float, default=None, metavar="R",
+                   help="relative rise of the retained NLL that fires the guard (default 0.01 = 1%%)")
+    p.add_argument("--retain-every", type=int, default=None, metavar="N",
+                   help="measure the retained NLL every N optimizer steps (default 20; also at the last step)")
+    p.add_argument("--retain-mode", choices=("stop", "best"), default=None,
+                   help="stop (default): stop training when the guard fires; best: train to the end, then restore "
+                        "the measured step with the lowest retained NLL if it fired")
     p.set_defaults(func=run)
 
 
@@ -126,13 +138,30 @@ def _check_args(args: argparse.Namespace) -> None:
         raise InvalidInputError(f"--lr must be a positive learning rate, got {args.lr}")
     if args.holdout < 0:
         raise InvalidInputError(f"--holdout must be 0 or more, got {args.holdout}")
+    _check_retain_args(args)
+
+
+def _check_retain_args(args: argparse.Namespace) -> None:
+    """The retention guard's flags: numbers in range, and none of them without --retain."""
+    if args.retain is None:
+        given = [flag for flag, value in (("--retain-tolerance", args.retain_tolerance),
+                                          ("--retain-every", args.retain_every),
+                                          ("--retain-mode", args.retain_mode)) if value is not None]
+        if given:
+            raise InvalidInputError(f"{', '.join(given)} needs --retain SPEC (the held-out set the guard watches, "
+                                    "e.g. --retain gsm8k)")
+        return
+    if not args.retain.strip():
+        raise InvalidInputError("--retain needs a SPEC: gsm8k, gsm8k:FILE, jsonl:FILE, pairs:DIR or hf:DIR")
+    tol = args.retain_tolerance
+    if tol is not None and not (tol >= 0 and tol != float("inf")):
+        raise InvalidInputError(f"--retain-tolerance must be a relative rise >= 0 (0.01 = 1%), got {tol}")
+    if args.retain_every is not None and args.retain_every < 1:
+        raise InvalidInputError(f"--retain-every must be a positive number of optimizer steps, got {args.retain_every}")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..data import filter_examples, first_per_language, load_translation_data, split_holdout
-    from ..selective_ffn.config import SelectiveFFNConfig
-    from ..selective_ffn.model import get_slam_model
-    from ..train import default_training_args, train_slam, translation_loss
 
     out = Path(args.out)
     _check_args(args)
@@ -151,11 +180,35 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_filter:
         pairs, report = filter_examples(pairs)
         _status(f"quality filter: {report}")
+    if not pairs:
+        dropped = "" if args.no_filter else " after the quality filter (--no-filter skips it)"
+        raise InvalidInputError(f"--train-data {args.train_data} holds no training pairs{dropped}; "
+                                "nothing was written")
     langs = sorted({p.lang for p in pairs})
     _status(f"training pairs: {len(pairs)} in {len(langs)} languages ({', '.join(langs)})")
+    retain_pairs = None
+    if args.retain:
+        from ..train import load_retention_data
+
+        retain_pairs = load_retention_data(args.retain)  # before the model load, like the training data
+        _status(f"retention set: {len(retain_pairs)} pairs ({args.retain})")
 
     model, tokenizer = load_model_from_args(args)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _train(args, out, model, tokenizer, pairs, heldout, retain_pairs)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a run that failed before writing anything leaves no empty --out behind
+        raise
+
+
+def _train(args: argparse.Namespace, out: Path, model: Any, tokenizer: Any, pairs: list[Any],
+           heldout: list[Any], retain_pairs: list[Any] | None = None) -> int:
+    from ..selective_ffn import SelectiveFFNConfig, get_slam_model
+    from ..train import default_training_args, train_slam, translation_loss
+
     layers, selection = _resolve_layers(args, model, tokenizer, out)
     config = SelectiveFFNConfig(
         layers=selection if selection is not None and hasattr(selection, "layers") else layers,
@@ -180,13 +233,18 @@ def run(args: argparse.Namespace) -> int:
             f", lr {training_args.learning_rate:.2e}) ...")
     resume: bool | str | None = True if args.resume == "latest" else args.resume
     adapter_dir = train_slam(slam, tokenizer, pairs, None, training_args, output_dir=out,
-                             max_length=args.max_length, resume_from_checkpoint=resume)
+                             max_length=args.max_length, resume_from_checkpoint=resume,
+                             retain=_retention_guard(args, tokenizer, retain_pairs))
     summary = json.loads((out / "train_summary.json").read_text(encoding="utf-8"))
     if heldout:
         after = translation_loss(model, tokenizer, heldout, max_length=args.max_length, progress=True,
                                  desc="held-out loss after", precision=measure_precision)
         summary.update(heldout_pairs=len(heldout), heldout_loss_before=before, heldout_loss_after=after)
         atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=1) + "\n")
+    if adapter_dir is not None:  # the model card: what only this command knows
+        from ..selective_ffn.card import update_model_card
+
+        update_model_card(adapter_dir, _card_facts(args, pairs, summary, out))
     print("[3/3] done")
     print(f"  layers:               {layers}")
     print(f"  trainable parameters: {summary['trainable_parameters']:,} of {summary['total_parameters']:,} "
@@ -196,6 +254,50 @@ def run(args: argparse.Namespace) -> int:
           f"mean train loss {summary['train_loss']:.4f})")
     if heldout:
         print(f"  held-out loss:        {before:.4f} -> {summary['heldout_loss_after']:.4f} ({len(heldout)} pairs)")
+    if summary.get("retention"):
+        print(f"  retention:            {_retention_line(summary['retention'])}")
     print(f"  loss curve:           {out / 'loss.png'} , {out / 'loss.json'}")
     print(f"  adapter:              {adapter_dir}")
     return 0
+
+
+def _card_facts(args: argparse.Namespace, pairs: list[Any], summary: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Training data, steps and losses for the adapter's model card (absolute paths are cut there)."""
+    rows = json.loads((out / "loss.json").read_text(encoding="utf-8")).get("train", []) if (out / "loss.json").is_file() else []
+    facts = {
+        "train_data": args.train_data, "train_pairs": len(pairs), "languages": sorted({p.lang for p in pairs}),
+        "steps": summary.get("steps"), "effective_batch_size": summary.get("effective_batch_size"),
+        "learning_rate": summary.get("learning_rate"), "precision": summary.get("precision"),
+        "train_loss": summary.get("train_loss"), "final_train_loss": rows[-1].get("loss") if rows else None,
+    }
+    for key in ("heldout_pairs", "heldout_loss_before", "heldout_loss_after"):
+        if summary.get(key) is not None:
+            facts[key] = summary[key]
+    return facts
+
+
+def _retention_guard(args: argparse.Namespace, tokenizer: Any, retain_pairs: list[Any] | None) -> Any:
+    """The ``RetentionGuard`` the --retain flags ask for (None without --retain)."""
+    if retain_pairs is None:
+        return None
+    from ..train import RetentionGuard
+
+    options = {"every": args.retain_every, "tolerance": args.retain_tolerance, "mode": args.retain_mode}
+    return RetentionGuard(retain_pairs, tokenizer, max_length=args.max_length, name="retain", data_name=args.retain,
+                          **{k: v for k, v in options.items() if v is not None})
+
+
+def _retention_line(r: dict[str, Any]) -> str:
+    """One line for the summary: baseline -> last measured NLL, and whether/where the guard fired."""
+    if r["baseline"] is None:
+        return f"not measured ({r['data']}: this run trained no step and its history holds no measurement)"
+    final = "not finite" if r["final_nll"] is None else f"{r['final_nll']:.4f}"
+    line = f"NLL {r['baseline']:.4f} -> {final} at step {r['final_step']} ({r['data']}, {r['pairs']} pairs)"
+    if not r["fired"]:
+        return line + f"; within +{100 * r['tolerance']:.2f}%"
+    line += f"; fired at step {r['fired_step']}"
+    if r["stopped_at_step"] is not None:
+        return line + f", stopped at step {r['stopped_at_step']}"
+    if r["restored_step"] is not None:
+        return line + f", restored step {r['restored_step']} (NLL {r['best_nll']:.4f})"
+    return line

@@ -1,7 +1,8 @@
-"""Data shipped inside the package: MGSM, its English solutions, the demo prompts.
+"""Data shipped inside the package: MGSM, its English solutions, the demo prompts, the retention set.
 
 The files keep their own licences (MGSM: CC BY 4.0; the solutions, from the
-GSM8K test set: MIT); see ``resources/data/NOTICE.md``. Use them by name:
+GSM8K test set, and the retention guard's 200 GSM8K-train problems: MIT); see
+``resources/data/NOTICE.md``. Use them by name:
 ``load_texts("mgsm")``, ``--data mgsm`` on the command line, or the helpers here.
 
 Example:
@@ -24,6 +25,7 @@ __all__ = [
     "NAMED_SOURCES",
     "data_dir",
     "demo_prompts_path",
+    "gsm8k_retain_path",
     "mgsm_dir",
     "mgsm_solutions",
     "mgsm_solutions_path",
@@ -49,6 +51,15 @@ def mgsm_dir() -> Path:
 def mgsm_solutions_path() -> Path:
     """The bundled ``mgsm_en_solutions.jsonl`` (GSM8K test solutions, MIT)."""
     return data_dir() / "mgsm_solutions" / "mgsm_en_solutions.jsonl"
+
+
+def gsm8k_retain_path() -> Path:
+    """The retention guard's default set: the last 200 GSM8K-train problems with solutions (MIT).
+
+    ``{"index", "question", "solution", "answer"}`` per line, index 7273-7472; see
+    ``data/gsm8k_retain/README.md`` for how the file was made.
+    """
+    return data_dir() / "gsm8k_retain" / "gsm8k_train_last200.jsonl"
 
 
 def demo_prompts_path() -> Path:

@@ -38,6 +38,7 @@ Modules, in reading order:
 ``reporting``    :class:`TrainerLogCallback`, :func:`save_loss_log`
 ``run``          :func:`train_slam`
 ``measure``      :func:`translation_loss`
+``retention``    :class:`RetentionGuard` (stop or roll back when a held-out NLL rises)
 ===============  ============================================================
 
 Example:
@@ -67,6 +68,7 @@ from .checkpoint import TRAINABLE_WEIGHTS_NAME, resolve_checkpoint
 from .features import build_train_dataset, plain_text_features
 from .measure import translation_loss
 from .reporting import StepTimeCallback, TrainerLogCallback, save_loss_log
+from .retention import RETAIN_MODES, PromptTarget, RetentionGuard, gsm8k_pairs, load_retention_data
 from .run import ADAPTER_SUBDIR, MODEL_SUBDIR, train_model, train_slam
 from .trainer import SLAMTrainer
 
@@ -88,5 +90,10 @@ __all__ = [
     "build_train_dataset",
     "save_loss_log",
     "translation_loss",
+    "RetentionGuard",
+    "RETAIN_MODES",
+    "PromptTarget",
+    "gsm8k_pairs",
+    "load_retention_data",
     "plain_text_features",
 ]

@@ -12,21 +12,40 @@ from typing import Any
 
 import torch
 
+from .._running import context_length, warn_cut_to_context
 from ..data import TranslationDataset, TranslationExample, examples_from_hf
 from ..errors import InvalidInputError
 
 __all__ = ["build_train_dataset", "plain_text_features"]
 
 
-def build_train_dataset(data: Any, tokenizer: Any, max_length: int | None = 1024) -> torch.utils.data.Dataset:
+def build_train_dataset(
+    data: Any, tokenizer: Any, max_length: int | None = 1024, *, model: Any = None
+) -> torch.utils.data.Dataset:
     """Normalise training data: pairs (list of :class:`TranslationExample`), a HF dataset with
     lang/source/target, or an already tokenized dataset (items with ``input_ids``/``labels``).
+
+    With ``model``, pairs that this function tokenizes are cut to the model's positions
+    (``config.max_position_embeddings``) when that is shorter than ``max_length``: a
+    warning says how many, and ``ds.truncated_to_context`` records it. Already tokenized
+    data is used as given.
 
     Example:
         >>> ds = build_train_dataset([TranslationExample("de", "Hallo.", "Hello.")], tokenizer)   # doctest: +SKIP
         >>> type(ds).__name__                                                                    # doctest: +SKIP
         'TranslationDataset'
     """
+    limit = context_length(model) if model is not None else None
+    if limit is None or (max_length is not None and max_length <= limit):
+        return _build(data, tokenizer, max_length)
+    ds = _build(data, tokenizer, limit)
+    if isinstance(ds, TranslationDataset) and ds is not data:
+        ds.truncated_to_context = ds.truncated  # every cut here is the context's: it is below max_length
+        warn_cut_to_context(ds.truncated, len(ds) + ds.truncated_away, limit, ds.longest, "pairs", stacklevel=3)
+    return ds
+
+
+def _build(data: Any, tokenizer: Any, max_length: int | None) -> torch.utils.data.Dataset:
     if isinstance(data, TranslationDataset):
         return data
     if isinstance(data, Sequence) and data and isinstance(data[0], TranslationExample):

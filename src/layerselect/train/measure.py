@@ -15,7 +15,7 @@ from .._progress import progress as progress_bar
 from ..data import TranslationCollator
 from .features import build_train_dataset
 
-__all__ = ["translation_loss"]
+__all__ = ["translation_loss", "translation_nll_sum"]
 
 
 @torch.no_grad()
@@ -40,11 +40,33 @@ def translation_loss(
     ``"bf16"`` autocast, or ``"auto"`` (bf16 where the hardware is fast at it; see
     :mod:`layerselect.precision`); the sums stay float64 either way.
     """
+    total, count = translation_nll_sum(model, tokenizer, data, batch_size, max_length, label_only, progress, desc,
+                                       precision)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def translation_nll_sum(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    data: Any,
+    batch_size: int = 8,
+    max_length: int | None = 1024,
+    label_only: bool | None = None,
+    progress: bool = False,
+    desc: str = "translation loss",
+    precision: str = "fp32",
+) -> tuple[float, int]:
+    """``(summed NLL, target tokens)`` of ``data``: what :func:`translation_loss` divides.
+
+    For summing over pieces (the shards of a distributed measure) before dividing once.
+    Runs in eval mode (the model's training flag is restored after) under ``no_grad``.
+    """
     from .._running import eval_mode
     from ..loss import label_only_loss
     from ..precision import autocast, model_dtype
 
-    ds = build_train_dataset(data, tokenizer, max_length)
+    ds = build_train_dataset(data, tokenizer, max_length, model=model)  # cut to the context, with a warning
     collator = TranslationCollator.for_tokenizer(tokenizer)
     device = next(model.parameters()).device
     total, count = 0.0, 0
@@ -58,4 +80,4 @@ def translation_loss(
             total += float(out.nll_sum.sum())
             count += int(out.token_count.sum())
             bar.update(min(batch_size, len(ds) - i))
-    return total / max(count, 1)
+    return total, count

@@ -25,6 +25,7 @@ from .arguments import data_order_of, default_training_args
 from .checkpoint import resolve_checkpoint, trainable_parameters
 from .features import build_train_dataset
 from .reporting import StepTimeCallback, TrainerLogCallback, save_loss_log
+from .retention import guard_from, retention_summary
 from .trainer import SLAMTrainer
 
 __all__ = ["ADAPTER_SUBDIR", "MODEL_SUBDIR", "train_model", "train_slam"]
@@ -50,6 +51,7 @@ def train_slam(
     return_trainer: bool = False,
     label_only: bool | None = None,
     precision: str = "auto",
+    retain: Any = None,
     **overrides: Any,
 ) -> Path | tuple[Path, Any]:
     """Train the selected FFN matrices on X->English pairs; return the final adapter directory.
@@ -64,7 +66,7 @@ def train_slam(
             or a ``datasets.Dataset`` (lang/source/target or input_ids/labels columns).
         config: :class:`SelectiveFFNConfig` (layers, target modules).
         training_args, output_dir, max_length, eval_dataset, resume_from_checkpoint,
-            callbacks, label_only, precision, overrides: as in :func:`train_model`.
+            callbacks, label_only, precision, retain, overrides: as in :func:`train_model`.
         return_trainer: also return the ``Trainer`` (for inspection / tests).
 
     Returns:
@@ -79,7 +81,7 @@ def train_slam(
     adapter_dir, trainer = train_model(
         slam, tokenizer, train_dataset, training_args, output_dir=output_dir, max_length=max_length,
         eval_dataset=eval_dataset, resume_from_checkpoint=resume_from_checkpoint, callbacks=callbacks,
-        label_only=label_only, precision=precision, **overrides,
+        label_only=label_only, precision=precision, retain=retain, **overrides,
     )
     return (adapter_dir, trainer) if return_trainer else adapter_dir  # type: ignore[return-value]
 
@@ -98,6 +100,7 @@ def train_model(
     label_only: bool | None = None,
     precision: str = "auto",
     save_final: bool = True,
+    retain: Any = None,
     **overrides: Any,
 ) -> tuple[Path | None, Any]:
     """The library's one training loop: whatever ``model`` leaves trainable trains.
@@ -130,6 +133,11 @@ def train_model(
             and the saved deltas stay in the model's dtype.
         save_final: write the trained model / adapter at the end (False: only the
             checkpoints the arguments ask for, the loss log and the summary).
+        retain: a :class:`~layerselect.train.RetentionGuard`, or the data for one with the
+            default options (``"gsm8k"``, a spec, pairs): measure a held-out reference-language
+            NLL while training and stop when it rises by more than 1% (see
+            :mod:`layerselect.train.retention`). ``train_summary.json`` records it under
+            ``"retention"`` (so does a guard passed in ``callbacks``).
 
     Returns:
         ``(final directory or None, trainer)``.
@@ -148,8 +156,10 @@ def train_model(
     out = Path(output_dir if output_dir is not None else training_args.output_dir)
     slam = model if _is_selective(model) else None
     timer = StepTimeCallback()
+    guard = guard_from(retain, tokenizer, max_length)
     trainer = _build_trainer(model, tokenizer, train_dataset, eval_dataset, training_args, slam_model=slam,
-                             max_length=max_length, callbacks=[*(callbacks or []), timer], label_only=label_only)
+                             max_length=max_length, callbacks=[*(callbacks or []), *([guard] if guard else []), timer],
+                             label_only=label_only)
     if resume_from_checkpoint:
         resume_from_checkpoint = str(resolve_checkpoint(resume_from_checkpoint, out, slam))
     train_module = trainer.model  # before train(): FSDP may swap trainer.model for its wrapper
@@ -170,6 +180,7 @@ def train_model(
         save_loss_log(trainer.state.log_history, out)
         summary = _summary(trainer, train_module, model, final, train_loss, seconds, timer)
         summary["resumed_from_step"] = _checkpoint_step(resume_from_checkpoint or None)
+        summary["retention"] = retention_summary(trainer.callback_handler.callbacks, trainer.state)
         atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=1) + "\n")
     barrier()  # the other processes wait until the main one has written the adapter
     return final, trainer
@@ -259,8 +270,10 @@ def _build_trainer(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset:
                    slam_model: Any, max_length: int | None, callbacks: Sequence[Any] | None,
                    label_only: bool | None) -> SLAMTrainer:
     train_module = _training_module(model)
-    train_ds = build_train_dataset(train_dataset, tokenizer, max_length)
-    eval_ds = build_train_dataset(eval_dataset, tokenizer, max_length) if eval_dataset is not None else None
+    # Pairs longer than the model's positions are cut to them, with a warning (counted in the summary).
+    train_ds = build_train_dataset(train_dataset, tokenizer, max_length, model=train_module)
+    eval_ds = (build_train_dataset(eval_dataset, tokenizer, max_length, model=train_module)
+               if eval_dataset is not None else None)
     collator = TranslationCollator.for_tokenizer(tokenizer)
     if not trainable_parameters(train_module):
         raise InvalidInputError("the model has no trainable parameters; check SelectiveFFNConfig.layers "
@@ -301,6 +314,7 @@ def _summary(trainer: SLAMTrainer, train_module: torch.nn.Module, model: Any, fi
         "trainable_percent": 100.0 * n_train / max(n_all, 1),
         "steps": trainer.state.global_step,
         "examples": len(trainer.train_dataset),
+        "truncated_to_context": getattr(trainer.train_dataset, "truncated_to_context", 0),
         "train_loss": train_loss,
         "seconds": seconds,
         "step_seconds": timer.wall,
