@@ -10,7 +10,14 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from layerselect.arch import ATTN_ROLES, TARGET_ROLES, AttnSpec, _infer_attention, get_layout
+from layerselect.arch import (
+    ATTN_ROLES,
+    TARGET_ROLES,
+    AttnSpec,
+    _infer_attention,
+    get_layout,
+    normalize_target_modules,
+)
 from layerselect.errors import (
     BaseModelMismatchError,
     InvalidInputError,
@@ -22,7 +29,6 @@ from layerselect.selective_ffn import (
     get_slam_model,
     merge_checkpoint,
 )
-from layerselect.selective_ffn.config import normalize_target_modules
 from tiny import FAMILIES, IDS, tiny_model, tiny_tokenizer
 
 

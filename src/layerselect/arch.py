@@ -23,7 +23,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -32,7 +32,7 @@ from .errors import InvalidInputError, UnsupportedArchitectureError
 
 __all__ = [
     "AttnSpec", "FFNSpec", "FFN", "ModelLayout", "FAMILIES", "ROLES", "ATTN_ROLES", "TARGET_ROLES",
-    "LMHeadSpec", "LM_HEADS", "get_layout", "lm_head_spec", "unwrap_model",
+    "LMHeadSpec", "LM_HEADS", "get_layout", "lm_head_spec", "normalize_target_modules", "unwrap_model",
 ]
 
 #: Canonical names of the FFN matrices, whatever a family calls them.
@@ -41,6 +41,63 @@ ROLES: tuple[str, ...] = ("gate", "up", "down")
 ATTN_ROLES: tuple[str, ...] = ("q", "k", "v", "o")
 #: Every role a selective model can train, in canonical order.
 TARGET_ROLES: tuple[str, ...] = ROLES + ATTN_ROLES
+
+# Names users may give for the FFN matrices and attention projections -> canonical roles
+# (ROLES, ATTN_ROLES). "all" keeps its original meaning: every FFN matrix.
+_ALIASES: dict[str, tuple[str, ...]] = {
+    "gate": ("gate",),
+    "gate_proj": ("gate",),
+    "w1": ("gate",),
+    "up": ("up",),
+    "up_proj": ("up",),
+    "w3": ("up",),
+    "down": ("down",),
+    "down_proj": ("down",),
+    "w2": ("down",),
+    "gate_up": ("gate", "up"),
+    "gate_up_proj": ("gate", "up"),
+    "all": ROLES,
+    "ffn": ROLES,
+    "mlp": ROLES,
+    "q": ("q",),
+    "q_proj": ("q",),
+    "k": ("k",),
+    "k_proj": ("k",),
+    "v": ("v",),
+    "v_proj": ("v",),
+    "o": ("o",),
+    "o_proj": ("o",),
+    "qkv": ("q", "k", "v"),
+    "qkv_proj": ("q", "k", "v"),
+    "attn": ATTN_ROLES,
+    "attention": ATTN_ROLES,
+    "self_attn": ATTN_ROLES,
+}
+
+
+def normalize_target_modules(
+    targets: str | Iterable[str], what: str = "SelectiveFFNConfig.target_modules"
+) -> list[str]:
+    """Map user names to canonical roles, in :data:`TARGET_ROLES` order.
+
+    FFN: ``"up_proj"``, ``"gate_up_proj"``, ``"ffn"``/``"all"`` (gate+up+down);
+    attention: ``"q"``, ``"k_proj"``, ``"qkv"``, ``"attn"`` (q+k+v+o). ``what`` names
+    the setting in messages.
+
+    Example:
+        >>> normalize_target_modules(["o_proj", "up"])
+        ['up', 'o']
+    """
+    if isinstance(targets, str):
+        targets = [targets]
+    roles: set[str] = set()
+    for t in targets:
+        if not isinstance(t, str) or t.lower() not in _ALIASES:
+            raise InvalidInputError(f"unknown target {t!r} in {what}; use some of {sorted(_ALIASES)}")
+        roles.update(_ALIASES[t.lower()])
+    if not roles:
+        raise InvalidInputError(f"{what} is empty; the default is ['up', 'down']")
+    return [r for r in TARGET_ROLES if r in roles]
 
 
 @dataclass(frozen=True)

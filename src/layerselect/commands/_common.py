@@ -47,6 +47,10 @@ def parse_langs(value: str | None) -> list[str] | None:
 # same advice must name the flags. Longer phrases first, so they win over their parts.
 _FLAG_WORDING: tuple[tuple[str, str], ...] = (
     ("overwrite=True", "--overwrite"),
+    ("target_modules='ffn'", "--target-modules ffn"),
+    ("pass the model or its config, not the family name", "pass --model (only its config is read), not --family"),
+    ("pass the model, its transformers config (AutoConfig.from_pretrained(DIR)) or its family name (e.g. 'llama')",
+     "pass --model (only its config is read) or --family (e.g. --family llama)"),
     ("pass task= and langs=", "pass --task and --langs"),
     ("pass task=", "pass --task"),
     ("backend='transformers'", "--backend transformers"),

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write_text
 from ..errors import InvalidInputError
+
+#: Formats of ``--emit``.
+EMIT_FORMATS = ("axolotl", "llamafactory", "peft")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "save the Selection as JSON and bootstrap its stability."
         ),
     )
-    p.add_argument("stats_dir", nargs="?", default=None, help="directory written by `layerselect analyze`")
+    p.add_argument("stats_dir", nargs="?", default=None,
+                   help="directory written by `layerselect analyze`, or a selection.json to re-emit (--emit)")
     p.add_argument("--criterion", default="msd", help="registered name or module:function (default: msd)")
     p.add_argument(
         "--param", action="append", default=[], metavar="K=V",
@@ -37,10 +43,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="import MODULE first (it may register criteria), repeatable",
     )
     p.add_argument("--reference", default="en", help="reference language for the rule (criteria that take one, e.g. msd) and the overlap column (default en)")
-    p.add_argument("--model", default=None, help="model for weight criteria such as snr (default: the stats' model)")
+    p.add_argument("--model", default=None,
+                   help="model for weight criteria such as snr; with --emit, where the parameter names come from "
+                        "(for a selection file only its config is read)")
     p.add_argument("--gguf-file", default=None, help="GGUF file name inside --model (a directory)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default=None)
+    p.add_argument(
+        "--emit", choices=EMIT_FORMATS, default=None,
+        help="also write the selection for another trainer: axolotl (unfrozen_parameters, YAML), "
+             "llamafactory (freeze settings, YAML; only for the first/last n layers and whole sub-modules) "
+             "or peft (a LoraConfig with layers_to_transform, JSON). Printed on stdout (the table and "
+             "explanation then go to stderr) unless --emit-out is given",
+    )
+    p.add_argument("--emit-out", default=None, metavar="FILE", help="write the --emit output to FILE")
+    p.add_argument("--target-modules", default="up,down",
+                   help="matrices the emitted settings train, as for `layerselect train` (default: up,down; ffn = gate,up,down)")
+    p.add_argument("--family", default=None,
+                   help="model family for --emit (llama, qwen2, phi3 ...) when neither --model is given nor the "
+                        "selection records one")
     p.set_defaults(func=run)
 
 
@@ -84,9 +105,83 @@ def layer_table(stats: Any, selection: Any, reference: str = "en") -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..selection import get_criterion, select
+    if args.emit_out and not args.emit:
+        raise InvalidInputError("--emit-out needs --emit axolotl|llamafactory|peft")
+    if args.emit_out and Path(args.emit_out).is_dir():
+        raise InvalidInputError(f"--emit-out {args.emit_out} is a folder; give a file path")
+    to_stderr = bool(args.emit) and not args.emit_out  # stdout carries the emitted settings only
+    with contextlib.redirect_stdout(sys.stderr) if to_stderr else contextlib.nullcontext():
+        sel, model = _select(args)
+    if args.emit:
+        text = emit(sel, args.emit, model if model is not None else _emit_source(args),
+                    [t.strip() for t in args.target_modules.split(",") if t.strip()])
+        if args.emit_out:
+            print(f"wrote {atomic_write_text(args.emit_out, text)}")
+        else:
+            sys.stdout.write(text)
+    return 0
+
+
+def emit(sel: Any, fmt: str, source: Any, target_modules: list[str]) -> str:
+    """The text of ``--emit FMT``: YAML for axolotl / llamafactory, JSON for peft."""
+    from ..selection.emit import peft_target_modules, source_of, trained_matrices, yaml_text
+
+    family = (source if isinstance(source, str) else sel.meta.get("model_type") if source is None
+              else getattr(source, "model_type", None) or getattr(getattr(source, "config", None), "model_type", None))
+    about = (f"settings from a layerselect selection: layers {sel.layers} ({sel.criterion})"
+             + (f" of {family}" if isinstance(family, str) else "") + f"; matrices {','.join(target_modules)}")
+    if fmt == "axolotl":
+        return yaml_text(sel.to_axolotl(source, target_modules), f"Axolotl {about}")
+    if fmt == "llamafactory":
+        return yaml_text(sel.to_llamafactory(source, target_modules), f"LLaMA-Factory {about}")
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise InvalidInputError("--emit peft needs peft: pip install peft") from None
+    src, num_layers = source_of(source, sel.meta)
+    modules = peft_target_modules(trained_matrices(src, sel.layers, target_modules, num_layers=num_layers))
+    config = sel.to_peft_config(LoraConfig(task_type="CAUSAL_LM", target_modules=modules))
+    # What differs from LoraConfig's defaults, plus the fields that say what trains: loads with
+    # LoraConfig(**{k: v for k, v in data.items() if k != "peft_type"}) in any PEFT version.
+    data, default = config.to_dict(), LoraConfig(task_type="CAUSAL_LM").to_dict()
+    keep = {"peft_type", "task_type", "r", "lora_alpha", "target_modules", "layers_to_transform"}
+    data = {k: v for k, v in data.items() if k in keep or (k in default and k != "peft_version" and v != default[k])}
+    return json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n"
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    return getattr(value, "value", str(value))  # enums (PEFT's TaskType)
+
+
+def _emit_source(args: argparse.Namespace) -> Any:
+    """What --emit reads parameter names from: --model's config (no weights), --family, or None (recorded)."""
+    if args.model:
+        from transformers import AutoConfig
+
+        from ..models import resolve_model
+
+        try:
+            return AutoConfig.from_pretrained(resolve_model(args.model, args.gguf_file), local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise InvalidInputError(f"cannot read the config of --model {args.model}: {exc}") from None
+    return args.family
+
+
+def _select(args: argparse.Namespace) -> tuple[Any, Any]:
+    """Run the criterion (or read a selection file) and print the table and explanation."""
+    from ..selection import Selection, get_criterion, select
     from ..stats import ActivationStats
 
+    if args.stats_dir and Path(args.stats_dir).is_file():
+        if args.stability:
+            raise InvalidInputError("--stability resamples statistics: give STATS_DIR, not a selection file")
+        sel = Selection.load(args.stats_dir)
+        print(sel.explain())
+        if args.out:
+            print(f"\nwrote {sel.save(args.out)}")
+        return sel, None
     for module in args.imports:
         try:
             importlib.import_module(module)
@@ -134,4 +229,4 @@ def run(args: argparse.Namespace) -> int:
             spath = out.with_name(out.stem + ".stability.json")
             atomic_write_text(spath, json.dumps(st.to_dict(), indent=2) + "\n")
             print(f"wrote {spath}")
-    return 0
+    return sel, model

@@ -17,6 +17,8 @@ Modules, in reading order:
 ``lape``        ``lape``
 ``snr``         ``snr`` (data-free)
 ``bootstrap``   :func:`stability`, :class:`Stability`, :func:`resample_stats`
+``emit``        the selection for other trainers (Axolotl, LLaMA-Factory, PEFT):
+                :meth:`Selection.to_axolotl`, :meth:`Selection.to_llamafactory`
 ==============  ============================================================
 
 Built-in criteria (see each function's docstring for its parameters):
@@ -55,6 +57,7 @@ from . import msd  # noqa: F401
 from . import baselines, lape, snr  # noqa: F401
 # isort: on
 from .bootstrap import Stability, bootstrap_sample_weights, resample_stats, stability
+from .emit import CannotExpressError
 from .registry import (
     CRITERIA,
     Criterion,
@@ -83,4 +86,5 @@ __all__ = [
     "resample_stats",
     "SCORES",
     "SELECTION_FORMAT_VERSION",
+    "CannotExpressError",
 ]

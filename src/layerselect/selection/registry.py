@@ -314,12 +314,17 @@ def _checked_selection(
     if model is not None:
         from ..arch import get_layout
 
-        num = get_layout(model).num_layers
+        layout = get_layout(model)
+        num = layout.num_layers
         outside = [x for x in sel.layers if x >= num]
         if outside:
             raise InvalidInputError(
                 f"criterion {spec.name!r} selected layers {outside}, but the model has {num} layers (0..{num - 1})"
             )
+        model_type = getattr(getattr(layout.model, "config", None), "model_type", None)
+        if isinstance(model_type, str):
+            sel.meta.setdefault("model_type", model_type)
+        sel.meta.setdefault("num_model_layers", num)
     if stats is not None:
         foreign = sorted(set(sel.layers) - set(stats.layers))
         if foreign:
@@ -331,6 +336,9 @@ def _checked_selection(
         if stats.meta.get("run_id"):
             sel.meta.setdefault("stats_run_id", stats.meta.get("run_id"))
         sel.meta.setdefault("groups", list(stats.groups))
+        for key in ("model_type", "num_model_layers"):  # what to_axolotl / to_llamafactory need
+            if stats.meta.get(key) is not None:
+                sel.meta.setdefault(key, stats.meta[key])
     if not sel.layers and "empty" not in sel.reason.lower():
         sel.reason = (sel.reason + " " if sel.reason else "") + "The selection is empty: no layer qualified."
     return sel

@@ -136,6 +136,57 @@ class Selection:
             out.layers_pattern = layers_pattern
         return out
 
+    def to_axolotl(self, model: Any = None, target_modules: str | Iterable[str] = ("up", "down")) -> dict[str, list[str]]:
+        """Axolotl's ``unfrozen_parameters``: one pattern per matrix SLAM trains in these layers.
+
+        ``model``: the model (any device, ``meta`` too), its transformers config, or its family
+        name (``"llama"``, ``"phi3"`` ...); None uses the ``model_type`` recorded in
+        :attr:`meta` by :func:`~layerselect.selection.select`. ``target_modules`` as in
+        :class:`~layerselect.selective_ffn.SelectiveFFNConfig` (default ``up``, ``down``).
+        Patterns use plain dots, as Axolotl escapes them itself; a part of a fused matrix
+        (Phi-3 ``gate_up_proj`` with only ``up``) carries Axolotl's ``[start:end]`` row range.
+        See :mod:`layerselect.selection.emit` for the rules read in Axolotl's source.
+
+        Example:
+            >>> Selection(layers=[3]).to_axolotl("llama")["unfrozen_parameters"]
+            ['^model.layers.3.mlp.up_proj.weight$', '^model.layers.3.mlp.down_proj.weight$']
+        """
+        from .emit import axolotl_patterns, source_of, trained_matrices
+
+        source, num_layers = source_of(model, self.meta)
+        return {"unfrozen_parameters": axolotl_patterns(
+            trained_matrices(source, self._nonempty(), target_modules, num_layers=num_layers))}
+
+    def to_llamafactory(
+        self, model: Any = None, target_modules: str | Iterable[str] = ("up", "down"), *, num_layers: int | None = None,
+    ) -> dict[str, Any]:
+        """LLaMA-Factory freeze-tuning settings that train exactly these layers' matrices.
+
+        In LLaMA-Factory (``hparams/finetuning_args.py``, ``model/adapter.py``)
+        ``freeze_trainable_layers: n`` trains the *last* n layers when positive and the
+        *first* ``-n`` when negative, and ``freeze_trainable_modules`` names whole children of
+        a layer (``mlp``, ``self_attn``), not single matrices. So only a selection of the first
+        (or, with the depth known, the last) n layers whose matrices fill those children is
+        expressible, e.g. ``target_modules="ffn"`` -> ``mlp``; anything else raises
+        :class:`~layerselect.selection.emit.CannotExpressError`, whose message says why and
+        gives the Axolotl list (also in its ``axolotl`` attribute). ``model`` as in
+        :meth:`to_axolotl`; ``num_layers`` is the model's depth when ``model`` is a family name.
+
+        Example:
+            >>> Selection(layers=[0, 1, 2]).to_llamafactory("qwen2", target_modules="ffn")
+            {'finetuning_type': 'freeze', 'freeze_trainable_layers': -3, 'freeze_trainable_modules': 'mlp'}
+        """
+        from .emit import llamafactory_settings, source_of
+
+        source, recorded = source_of(model, self.meta)
+        return llamafactory_settings(source, self._nonempty(), target_modules,
+                                     num_layers=num_layers if num_layers is not None else recorded)
+
+    def _nonempty(self) -> list[int]:
+        if not self.layers:
+            raise InvalidInputError("the selection is empty: no layers to train")
+        return list(self.layers)
+
     def __str__(self) -> str:
         return self.explain()
 

@@ -10,7 +10,9 @@ An adapter folder holds (see ``docs/adapters.md`` for the full format):
   fingerprint of the targeted base weights, per-tensor shapes/dtypes, the
   reconstruction error, and the SHA-256 of the tensor file;
 - only when needed, ``layerselect_patches.safetensors``: the exactness patches
-  (see :mod:`.delta`).
+  (see :mod:`.delta`);
+- ``README.md``: the model card (see :mod:`.card`), not covered by the checksums and
+  ignored by every reader.
 
 Example:
     >>> from layerselect.selective_ffn.adapter_file import read_adapter, write_adapter
@@ -26,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +39,7 @@ from safetensors.torch import save_file
 
 from .._io import check_format_version, read_json
 from ..errors import FormatError
+from .card import CARD_NAME, reconstruction_facts, render_card, user_card, warn_kept
 from .config import SelectiveFFNConfig
 from .delta import (
     DTYPE_NAMES,
@@ -374,6 +378,7 @@ def write_adapter(
     *,
     overwrite: bool = False,
     into_existing: bool = False,
+    card_facts: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``layerselect_adapter.json`` + ``layerselect_deltas.safetensors`` as the folder ``directory``.
 
@@ -383,12 +388,23 @@ def write_adapter(
     adapter is refused unless ``overwrite=True``. ``into_existing=True`` (training
     checkpoints, which also hold the Trainer's files) adds the adapter files to the
     folder instead, each by one atomic rename.
+
+    With ``card_facts`` (see :func:`.card.adapter_facts`) the model card ``README.md`` is
+    written too. A README.md of the user's (one without our marker, or our card edited)
+    is never replaced: when an adapter is saved over, it is carried into the new folder.
+    ``README.md`` is not covered by the checksums and readers ignore it.
     """
-    from .._io import atomic_directory, atomic_files, write_json
+    from .._io import atomic_directory, atomic_files, atomic_write_text, write_json
 
     deltas = {name: r.delta.contiguous() for name, r in results.items()}
     patches = _patch_tensors(results)
     meta = _adapter_meta(config, results, base_dtypes, base_info, fingerprint)
+    target = Path(directory)
+    # The user's README.md survives a save over an adapter (or into a shared checkpoint folder);
+    # a folder that is not an adapter, replaced with overwrite=True, is replaced whole.
+    is_adapter = into_existing or (target / CONFIG_NAME).is_file() or (target / LEGACY_NAMES[0]).is_file()
+    kept = user_card(target) if is_adapter else None
+    kept_link = kept is not None and kept.is_symlink()
     writer = (
         atomic_files(directory, remove=[PATCHES_NAME, *LEGACY_NAMES]) if into_existing
         else atomic_directory(directory, CONFIG_NAME, overwrite=overwrite, what="adapter folder")
@@ -401,4 +417,13 @@ def write_adapter(
             meta["patches_file"] = PATCHES_NAME
             meta["patches_sha256"] = sha256_file(tmp / PATCHES_NAME)
         write_json(tmp / CONFIG_NAME, meta)
+        if kept is not None:
+            # into_existing leaves it where it is. A symbolic link is not followed: its target's content
+            # never lands in the adapter folder (and the folder's permission fix-up never reaches it).
+            if not into_existing and kept.is_file() and not kept_link:
+                shutil.copy2(kept, tmp / CARD_NAME)
+        elif card_facts is not None:
+            atomic_write_text(tmp / CARD_NAME, render_card({**card_facts, **reconstruction_facts(meta)}))
+    if kept is not None and card_facts is not None:
+        warn_kept(target, kept_link)
     return Path(directory)

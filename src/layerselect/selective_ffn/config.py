@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .._io import jsonable, read_json
-from ..arch import ATTN_ROLES, ROLES, TARGET_ROLES, get_layout
+from ..arch import get_layout, normalize_target_modules
 from ..errors import FormatError, InvalidInputError
 
 __all__ = [
@@ -40,7 +40,6 @@ __all__ = [
     "DELTA_DTYPES",
     "HasLayers",
     "Target",
-    "normalize_target_modules",
     "parameter_numel",
     "resolve_targets",
 ]
@@ -52,65 +51,8 @@ __all__ = [
 #: their reconstruction error is recorded in ``layerselect_adapter.json``.
 DELTA_DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
 
-# Names users may give for the FFN matrices and attention projections -> canonical roles
-# (arch.ROLES, arch.ATTN_ROLES). "all" keeps its original meaning: every FFN matrix.
-_ALIASES: dict[str, tuple[str, ...]] = {
-    "gate": ("gate",),
-    "gate_proj": ("gate",),
-    "w1": ("gate",),
-    "up": ("up",),
-    "up_proj": ("up",),
-    "w3": ("up",),
-    "down": ("down",),
-    "down_proj": ("down",),
-    "w2": ("down",),
-    "gate_up": ("gate", "up"),
-    "gate_up_proj": ("gate", "up"),
-    "all": ROLES,
-    "ffn": ROLES,
-    "mlp": ROLES,
-    "q": ("q",),
-    "q_proj": ("q",),
-    "k": ("k",),
-    "k_proj": ("k",),
-    "v": ("v",),
-    "v_proj": ("v",),
-    "o": ("o",),
-    "o_proj": ("o",),
-    "qkv": ("q", "k", "v"),
-    "qkv_proj": ("q", "k", "v"),
-    "attn": ATTN_ROLES,
-    "attention": ATTN_ROLES,
-    "self_attn": ATTN_ROLES,
-}
-
 # Attributes of a Selection-like object kept as provenance (whatever exists of them).
 _PROVENANCE_ATTRS = ("criterion", "name", "threshold", "scores", "why", "reason", "explanation", "meta")
-
-
-def normalize_target_modules(targets: str | Iterable[str]) -> list[str]:
-    """Map user names to canonical roles, in :data:`~layerselect.arch.TARGET_ROLES` order.
-
-    FFN: ``"up_proj"``, ``"gate_up_proj"``, ``"ffn"``/``"all"`` (gate+up+down);
-    attention: ``"q"``, ``"k_proj"``, ``"qkv"``, ``"attn"`` (q+k+v+o).
-
-    Example:
-        >>> normalize_target_modules(["o_proj", "up"])
-        ['up', 'o']
-    """
-    if isinstance(targets, str):
-        targets = [targets]
-    roles: set[str] = set()
-    for t in targets:
-        if not isinstance(t, str) or t.lower() not in _ALIASES:
-            raise InvalidInputError(
-                f"unknown target {t!r} in SelectiveFFNConfig.target_modules; "
-                f"use some of {sorted(_ALIASES)}"
-            )
-        roles.update(_ALIASES[t.lower()])
-    if not roles:
-        raise InvalidInputError("SelectiveFFNConfig.target_modules is empty; the default is ['up', 'down']")
-    return [r for r in TARGET_ROLES if r in roles]
 
 
 class HasLayers(Protocol):
@@ -239,10 +181,10 @@ class SelectiveFFNConfig:
         """Build from :meth:`to_dict` output; an unknown key is refused by name (a typo, or a newer file).
 
         Example:
-            >>> SelectiveFFNConfig.from_dict({"layers": [0], "target_module": ["up"]})
+            >>> SelectiveFFNConfig.from_dict({"layers": [0], "target_module": ["up"]})  # doctest: +ELLIPSIS
             Traceback (most recent call last):
             ...
-            layerselect.errors.FormatError: SelectiveFFNConfig has no field 'target_module' ...
+            layerselect.errors.FormatError: SelectiveFFNConfig has no field 'target_module'; it knows [...]...
         """
         if not isinstance(data, Mapping):
             raise FormatError(f"a SelectiveFFNConfig must be a JSON object, got {type(data).__name__}")

@@ -52,6 +52,7 @@ from .._dist import gather_full, is_sharded_parameter
 from ..arch import get_layout, unwrap_model
 from ..errors import InvalidInputError
 from .adapter_file import read_adapter, write_adapter
+from .card import adapter_facts
 from .config import SelectiveFFNConfig, Target, parameter_numel, resolve_targets
 from .delta import compute_delta, dtype_name, fingerprint_tensor, resolve_delta_dtype
 from .loading import apply_adapter_tensors, check_base, check_targets_match
@@ -358,9 +359,16 @@ class SelectiveFFNModel(nn.Module):
         *,
         overwrite: bool = False,
         into_existing: bool = False,
+        card_facts: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         """Write the adapter: ``layerselect_adapter.json`` + ``layerselect_deltas.safetensors`` (deltas only).
+
+        Also writes the model card ``README.md`` (Hub metadata, the layers and how they were
+        chosen, matrices, trainable share, how to load it; see :mod:`.card`). ``card_facts``
+        adds what only the caller knows, e.g. ``{"train_data": "pairs:DIR", "steps": 300,
+        "final_train_loss": 0.57, "heldout_loss_before": 1.10, "heldout_loss_after": 0.57,
+        "reasoning_gap": 0.21}``. A README.md the user wrote or edited is kept as it is.
 
         Atomic: the folder is built whole and swapped in, so on failure a previous
         adapter in ``save_directory`` is untouched and on success no stale file of
@@ -399,8 +407,25 @@ class SelectiveFFNModel(nn.Module):
             "num_layers": self._num_layers,
             "dtype": dtype_name(next(iter(self._base_dtypes.values()))),
         }
+        facts = {**self._card_facts(base_info, Path(save_directory).name), **dict(card_facts or {})}
         write_adapter(save_directory, self.adapter_config, results, self._base_dtypes, base_info, fingerprint,
-                      overwrite=overwrite, into_existing=into_existing)
+                      overwrite=overwrite, into_existing=into_existing, card_facts=facts)
+
+    def _card_facts(self, base_info: Mapping[str, Any], adapter_name: str) -> dict[str, Any]:
+        """What the model card says about this adapter (trainable counts as configured, whatever
+        ``requires_grad`` is now: a loaded, frozen adapter re-saved reports the same share)."""
+        roles = self.adapter_config.target_modules
+        partial = {}
+        for t in self._targets:
+            parts = get_layout(self.model).fused_rows(t.layer, t.name.removesuffix(".weight")) if t.frozen_rows else None
+            if parts:
+                partial[t.name.split(f".{t.layer}.", 1)[-1].removesuffix(".weight")] = [r for r in parts if r in roles]
+        return adapter_facts(
+            self.adapter_config, base_info, self.target_names,
+            trainable=sum(t.trainable_numel for t in self._targets),
+            total=sum(parameter_numel(p) for p in self.model.parameters()),
+            partial_fused=partial, adapter_name=adapter_name,
+        )
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
