@@ -38,7 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="plot hidden-state representations instead of statistics")
     add_model_args(g)
     g.add_argument("--adapter", default=None, help="adapter directory: plot base vs base+adapter side by side")
-    g.add_argument("--data", default=None, help="parallel texts: mgsm:DIR, txt:DIR or jsonl:FILE (default: MGSM)")
+    g.add_argument("--data", default=None,
+                   help="parallel texts: mgsm (bundled MGSM), demo, mgsm:DIR, txt:DIR, jsonl:FILE, hf:DIR "
+                   "(or a path; kind detected) (default: the mgsm folder of $LAYERSELECT_DATA_DIR, else "
+                   "../shared/data/mgsm from the working directory; an error if it does not exist)")
     g.add_argument("--langs", default=None, help="comma-separated languages (default: all found)")
     g.add_argument("--limit", type=int, default=50, help="texts per language (default 50)")
     g.add_argument("--layers", default=None, help="comma-separated layers (default: first, middle, last)")
