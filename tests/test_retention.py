@@ -242,6 +242,22 @@ def test_a_resumed_run_continues_the_curve_against_the_first_baseline(knows, tmp
         assert r["curve"][step] == pytest.approx(nll, rel=1e-12), step
 
 
+def test_resuming_a_run_the_guard_stopped_trains_no_further_step(knows, tmp_path):
+    kw = _args(learning_rate=1.0, save_strategy="steps", save_steps=2)
+    cfg = SelectiveFFNConfig(layers=[1])
+    train_slam(_model(knows), tiny_tokenizer(), PAIRS, cfg, output_dir=tmp_path, **kw,
+               retain=RetentionGuard(RETAIN, tiny_tokenizer(), every=2, verbose=False))
+    assert _summary(tmp_path)["steps"] == 2  # fired and stopped at step 2, checkpoint-2 written
+    stopped = (tmp_path / "adapter" / "layerselect_deltas.safetensors").read_bytes()
+    guard = RetentionGuard(RETAIN, tiny_tokenizer(), every=2, verbose=False)
+    train_slam(_model(knows), tiny_tokenizer(), PAIRS, cfg, output_dir=tmp_path, resume_from_checkpoint=True,
+               retain=guard, **kw)
+    s = _summary(tmp_path)
+    assert s["steps"] == 2 and s["resumed_from_step"] == 2  # the Trainer alone would have run a third step
+    assert s["retention"]["fired_step"] == 2 and s["retention"]["stopped_at_step"] == 2
+    assert (tmp_path / "adapter" / "layerselect_deltas.safetensors").read_bytes() == stopped
+
+
 # ---------------------------------------------------------------------------- errors
 
 

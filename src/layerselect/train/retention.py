@@ -408,6 +408,24 @@ class RetentionGuard(TrainerCallback):
         if self.mode == "best" and self.best_step is not None and output_dir is not None:
             self._best_checkpoint = Path(output_dir) / f"checkpoint-{self.best_step}"
 
+    def stopped_in(self, checkpoint: str | os.PathLike[str]) -> bool:
+        """True if ``checkpoint``'s history shows this guard (in stop mode) had fired by its step.
+
+        Such a run is over: resuming it must train no further step (the Trainer checks for a
+        stop only after a step). The guard's curve and summary are rebuilt from that history.
+        """
+        from transformers import TrainerState
+
+        state_file = Path(checkpoint) / "trainer_state.json"
+        if self.mode != "stop" or not state_file.is_file():
+            return False
+        state = TrainerState.load_from_json(str(state_file))
+        self._reset()
+        self._replay(state, None)
+        if self.fired:
+            self.stopped_at_step = state.global_step
+        return self.fired
+
     # -- TrainerCallback -------------------------------------------------------------------------
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> Any:

@@ -165,7 +165,9 @@ def train_model(
     train_module = trainer.model  # before train(): FSDP may swap trainer.model for its wrapper
     was_training = train_module.training
     start = time.perf_counter()
-    if resume_from_checkpoint and _reached_max_steps(resume_from_checkpoint, training_args):
+    if resume_from_checkpoint and (_reached_max_steps(resume_from_checkpoint, training_args)
+                                   or (guard is not None and guard.stopped_in(resume_from_checkpoint))):
+        # finished, or the guard had stopped it there: the Trainer would still run one more step
         train_loss = _restore_finished(trainer, resume_from_checkpoint)
     else:
         train_loss = trainer.train(resume_from_checkpoint=resume_from_checkpoint).training_loss
