@@ -35,6 +35,12 @@ def test_demo_pipeline_on_gemma(tmp_path):
     assert set(deltas) == expected
     assert all(d.abs().max() > 0 for d in deltas.values())
 
+    # The adapter's model card: Hub metadata, the selected layers, what the demo trained on.
+    card = (tmp_path / "train" / "adapter" / "README.md").read_text()
+    assert "library_name: layerselect" in card and 'base_model: "gemma-3-270m"' in card
+    assert "optimizer steps" in card and "on the training pairs themselves" in card
+    assert str(tmp_path) not in card  # no machine paths
+
     # Training lowered the loss on the pairs it saw.
     loss_before, loss_after = summary["translation_loss_before_after"]
     assert loss_after < loss_before

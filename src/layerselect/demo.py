@@ -172,6 +172,13 @@ def _train(base: Any, tokenizer: Any, prompts: list[dict[str, Any]], selection: 
                                             desc="translation loss after", precision=precision)]
     print(f"translation loss on the {len(pairs)} pairs (English target tokens): "
           f"{losses[0]:.4f} -> {losses[1]:.4f}")
+    from .selective_ffn.card import update_model_card
+
+    update_model_card(adapter_dir, {  # what only the demo knows, on the adapter's model card
+        "train_data": "demo (the bundled demo prompts)", "train_pairs": len(pairs),
+        "languages": sorted({p.lang for p in pairs}), "steps": steps, "effective_batch_size": batch_size,
+        "learning_rate": learning_rate, "precision": precision,
+        "translation_loss": f"{losses[0]:.4f} -> {losses[1]:.4f} on the training pairs themselves (a demo, not held out)"})
     print(f"adapter written to {adapter_dir}")
     return adapter_dir, losses
 
