@@ -543,7 +543,8 @@ def run_all(args: argparse.Namespace) -> list[str]:
             continue
         print(f"[experiments] {name}: running", file=sys.stderr)
         if args.isolate:
-            cmd = [sys.executable, os.path.abspath(__file__), *_argv_without_isolate(), "--no-isolate", "--only", name]
+            cmd = [sys.executable, os.path.abspath(__file__), *child_argv(sys.argv[1:], args.lr), "--no-isolate",
+                   "--only", name]
             subprocess.run(cmd, check=True)
         else:
             finish_run(name, args)
@@ -558,8 +559,27 @@ def finish_run(name: str, args: argparse.Namespace) -> None:
     shutil.rmtree(out / "checkpoints" / name, ignore_errors=True)
 
 
-def _argv_without_isolate() -> list[str]:
-    return [a for a in sys.argv[1:] if a not in ("--isolate", "--no-isolate")]
+def child_argv(argv: Sequence[str], lr: float) -> list[str]:
+    """The command line of one isolated run: this one, with the learning rate already chosen.
+
+    ``--lr-grid`` is dropped and ``--lr`` set to ``lr`` (the grid's choice, or ``--lr``): a
+    child re-parses the command line, and would otherwise train at the default lr.
+    """
+    out: list[str] = []
+    skip = False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a in ("--isolate", "--no-isolate", "--lr-grid-only"):
+            continue
+        if a in ("--lr-grid", "--lr"):
+            skip = i + 1 < len(argv)
+            continue
+        if a.startswith(("--lr-grid=", "--lr=")):
+            continue
+        out.append(a)
+    return [*out, "--lr", repr(float(lr))]
 
 
 def choose_lr(args: argparse.Namespace) -> float:

@@ -356,3 +356,15 @@ def test_paper_protocol_runs_dev_nll_time_ratio_and_guard(setup, tmp_path):
     assert "English dev NLL" in text and "(1.0x)" in slam_line
     with pytest.raises(SystemExit, match="needs --english-sft"):
         mod.main([*args, "--runs", "two_stage"])
+
+
+def test_isolated_runs_train_at_the_learning_rate_the_grid_chose():
+    """A child re-parses the command line: it must get the chosen --lr, not the grid (nor the default)."""
+    mod = _load_script()
+    argv = ["--model", "m", "--lr-grid", "1e-4,3e-4", "--runs", "slam", "--isolate", "--lr-by-run", "full=2e-5",
+            "--out", "o"]
+    child = mod.child_argv(argv, 3e-4)
+    assert "--lr-grid" not in child and "--isolate" not in child and "--lr-by-run" in child
+    args = mod.build_parser().parse_args([*child, "--no-isolate", "--only", "slam"])
+    assert args.lr == 3e-4 and args.lr_grid is None and args.lr_by_run == "full=2e-5"
+    assert mod.build_parser().parse_args(mod.child_argv(["--lr=0.5", "--out", "o"], 1e-3)).lr == 1e-3
