@@ -64,11 +64,11 @@ def translation_nll_sum(
     """
     from .._running import eval_mode
     from ..loss import label_only_loss
-    from ..precision import autocast, model_dtype
+    from ..precision import autocast, model_device, model_dtype
 
     ds = build_train_dataset(data, tokenizer, max_length, model=model)  # cut to the context, with a warning
     collator = TranslationCollator.for_tokenizer(tokenizer)
-    device = next(model.parameters()).device
+    device = model_device(model)
     total, count = 0.0, 0
     with progress_bar(total=len(ds), desc=desc, unit="pair", disable=not progress) as bar, \
             eval_mode(model), autocast(precision, device, model_dtype(model)):
