@@ -699,9 +699,11 @@ def write_table(out: str | os.PathLike[str], md_path: str | os.PathLike[str], no
              f"`{out}` (one per run). Command:", "", "```", settings.get("command", "?"), "```", ""]
     s = settings
     if s:
-        lines += [f"Model `{s['model']}` ({s['dtype']}); {s['steps']} optimizer steps x effective batch "
+        weights = s["dtype"] + (f", {s['precision']} autocast" if s.get("precision") else "")
+        per_run = f"; {s['lr_by_run']}" if s.get("lr_by_run") else ""
+        lines += [f"Model `{s['model']}` ({weights}); {s['steps']} optimizer steps x effective batch "
                   f"{s['batch_size'] * s['grad_accum']} ({s['batch_size']} x {s['grad_accum']} accumulation), "
-                  f"lr {s['lr']:g} (AdamW, constant, no weight decay), max length {s['max_length']}; "
+                  f"lr {s['lr']:g}{per_run} (AdamW, constant, no weight decay), max length {s['max_length']}; "
                   f"training languages {s['train_langs']}; held out {s['heldout_per_lang']} pairs per language; "
                   f"reasoning gap on the first {s['gap_questions']} MGSM questions in {s['gap_langs']} "
                   f"({s['bootstrap']} bootstrap resamples); overlap statistics on {s['stats_questions']} "

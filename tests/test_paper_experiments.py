@@ -130,6 +130,8 @@ def test_quick_runs_measure_resume_and_table(setup, capsys, monkeypatch):
         assert f"| {name} |" in text
     assert "avg gap" in text and (root / "results_overlap.png").is_file()
     assert "| slam | " in text.split("Where the change of the gap comes from")[1]  # the decomposition table
+    precision = json.loads(settings_file).get("precision")  # absent = fp32 weights and compute
+    assert (f"(float32, {precision} autocast)" in text) if precision else ("(float32);" in text)
 
 
 def _gap(en, de, tokens=(10, 10, 10)):
