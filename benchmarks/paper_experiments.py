@@ -26,7 +26,10 @@ One JSON per run in ``--out/runs``; finished runs are skipped on restart. A run
 interrupted mid-way starts again, unless ``--checkpoint-every N`` had the Trainer save
 its checkpoint (trained tensors, optimizer, RNG) to ``--out/checkpoints/NAME`` every N
 steps and after the last one: then it resumes there (a run killed while being measured
-is measured again, not trained again). ``--save-adapters`` keeps each selective and LoRA run's trained adapter in
+is measured again, not trained again). ``--choose-lr RUN=LR/LR/...`` chooses a run's lr
+before the table: on the held-out translation loss, or on the English dev NLL for
+the runs that end on solutions (``translate_train``, ``two_stage``); a finished row at
+one of the grid's lrs counts as that trial. ``--save-adapters`` keeps each selective and LoRA run's trained adapter in
 ``--out/adapters/NAME``. ``--table`` writes the markdown report from the JSONs.
 
     PYTHONPATH=src python3 benchmarks/paper_experiments.py --model gemma-3-270m --steps 300 \\
@@ -63,6 +66,9 @@ _OPTIONAL_SETTING_KEYS = ("english_sft", "english_dev", "first_n_fraction", "lr_
                           "retain_every")
 GAP_LANGS = ("en", "de", "fr", "es", "ru", "zh", "ja", "sw", "th", "bn")
 TRAIN_LANGS = ("de", "es", "fr", "ja", "ru", "sw", "zh")
+# Settings that may differ between the runs of one table: each run's record holds its own lr,
+# and that lr is compared instead (so choosing one run's lr later keeps the other rows).
+_PER_RUN_SETTING_KEYS = ("lr_by_run",)
 # Settings that must match for a saved run to be reused.
 _SETTING_KEYS = (
     "model", "dtype", "train_data", "train_langs", "heldout_per_lang", "steps", "batch_size", "grad_accum",
@@ -92,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-grid", default=None,
                    help="comma-separated lrs: train slam with each and keep the best held-out translation loss")
     p.add_argument("--lr-grid-only", action="store_true",
-                   help="with --lr-grid: write lr_search.json and stop (choose the lr for a longer run elsewhere)")
+                   help="with --lr-grid or --choose-lr: choose the lrs (lr_search.json, lr_search/RUN.json) and "
+                        "stop (choose the lr for a longer run elsewhere)")
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runs", default=",".join(ALL_RUNS), help=f"comma-separated among {','.join(ALL_RUNS)}")
@@ -115,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first_n trains round(F x layers) layers (the paper: 6/32) instead of as many as msd picks")
     p.add_argument("--lr-by-run", default=None, metavar="RUN=LR,...",
                    help="a learning rate per run (e.g. full=2e-5,two_stage=2e-5); the others use --lr")
+    p.add_argument("--choose-lr", default=None, metavar="RUN=LR/LR/...,...",
+                   help="choose a run's lr on held-out data before the table (e.g. full=1e-5/2e-5/5e-5): the "
+                        "held-out translation loss, or the English dev NLL for translate_train and two_stage; "
+                        "one JSON per trial in --out/lr_search/RUN; the chosen lr joins --lr-by-run")
     p.add_argument("--retain-tolerance", type=float, default=None,
                    help="slam_guard: relative rise of the English dev NLL that stops training (default 0.01)")
     p.add_argument("--retain-every", type=int, default=None, help="slam_guard: measure every N steps (default 10)")
@@ -183,6 +194,54 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def _csv(value: str) -> list[str]:
     return [x.strip() for x in value.split(",") if x.strip()]
+
+
+def comparable(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` without the per-run keys: what every run of one table shares."""
+    return {k: v for k, v in settings.items() if k not in _PER_RUN_SETTING_KEYS}
+
+
+def record_lr(record: dict[str, Any]) -> float | None:
+    """The lr a finished run (or trial) trained at; records without one trained at the table's ``--lr``."""
+    return record.get("lr", (record.get("settings") or {}).get("lr"))
+
+
+def is_current(record: Any, name: str, args: argparse.Namespace) -> bool:
+    """Whether a finished run's record stands for run ``name`` under these options (same settings and lr)."""
+    if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
+        return False
+    if comparable(record["settings"]) != comparable(settings_of(args)):
+        return False
+    return name == "base" or record_lr(record) == run_args(name, args).lr
+
+
+def parse_lr_map(value: str | None, option: str, grid: bool = False) -> dict[str, Any]:
+    """``RUN=LR,...`` (or ``RUN=LR/LR/...`` with ``grid``) checked: known runs, positive numbers, no repeats."""
+    out: dict[str, Any] = {}
+    for item in _csv(value or ""):
+        name, sep, lrs = item.partition("=")
+        name = name.strip()
+        if not sep or name not in KNOWN_RUNS:
+            raise SystemExit(f"{option}: {item!r} is not RUN=LR with RUN one of {', '.join(KNOWN_RUNS)}")
+        if name in out:
+            raise SystemExit(f"{option} names {name!r} twice")
+        try:
+            values = [float(x) for x in lrs.split("/")] if grid else [float(lrs)]
+        except ValueError:
+            raise SystemExit(f"{option}: {item!r}: learning rates must be numbers, e.g. {name}=2e-5") from None
+        if not values or any(not v > 0 for v in values):
+            raise SystemExit(f"{option}: {item!r}: learning rates must be positive")
+        out[name] = values if grid else values[0]
+    return out
+
+
+def with_run_lr(args: argparse.Namespace, name: str, lr: float) -> argparse.Namespace:
+    """``args`` whose ``--lr-by-run`` trains run ``name`` at ``lr`` (the other runs unchanged)."""
+    lrs = {k: repr(v) for k, v in parse_lr_map(args.lr_by_run, "--lr-by-run").items()}
+    lrs[name] = repr(float(lr))
+    out = argparse.Namespace(**vars(args))
+    out.lr_by_run = ",".join(f"{k}={v}" for k, v in lrs.items())
+    return out
 
 
 def expand_runs(runs: Sequence[str], seeds: Sequence[int]) -> list[str]:
@@ -372,7 +431,8 @@ def train(model: Any, tokenizer: Any, features: Sequence[dict[str, list[int]]], 
     every = getattr(args, "checkpoint_every", 0) or 0
     settings = settings_of(args)
     stamp = run_dir / "settings.json"
-    if every and stamp.is_file() and _read_json_or_none(stamp) != settings:
+    old = _read_json_or_none(stamp) if every and stamp.is_file() else settings
+    if not isinstance(old, dict) or comparable(old) != comparable(settings):  # "lr" is this run's own
         raise SystemExit(f"{run_dir} holds a checkpoint made with other (or unreadable) settings; delete it to "
                          "start this run again")
     if every:
@@ -403,13 +463,10 @@ def train(model: Any, tokenizer: Any, features: Sequence[dict[str, list[int]]], 
 
 def run_args(name: str, args: argparse.Namespace) -> argparse.Namespace:
     """``args`` with this run's learning rate (``--lr-by-run``), else ``--lr``."""
-    lrs = dict(item.split("=", 1) for item in _csv(args.lr_by_run or ""))
-    unknown = set(lrs) - set(KNOWN_RUNS)
-    if unknown:
-        raise SystemExit(f"--lr-by-run names unknown runs {sorted(unknown)}; use some of {', '.join(KNOWN_RUNS)}")
+    lrs = parse_lr_map(args.lr_by_run, "--lr-by-run")
     out = argparse.Namespace(**vars(args))
     if name in lrs:
-        out.lr = float(lrs[name])
+        out.lr = lrs[name]
     return out
 
 
@@ -455,17 +512,21 @@ def base_selection(stats: Any) -> dict[str, Any]:
     return {"layers": list(sel.layers), "reason": sel.explain()}
 
 
-def finished_twin(out: Path, name: str, spec: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any] | None:
+def finished_twin(out: Path, name: str, spec: dict[str, Any], settings: dict[str, Any],
+                  lr: float | None = None) -> dict[str, Any] | None:
     """A finished run (same settings) that trains exactly ``spec``: its record stands for ``name`` too.
 
     Every run starts from the same base with the same data order, so two runs with
-    the same kind, layers and targets are the same computation (a recomputed one
-    agrees bit for bit; see random_s0 = slam in docs/results.md).
+    the same kind, layers, targets and lr are the same computation (a recomputed one
+    agrees bit for bit; see random_s0 = slam in docs/results.md). ``lr``: this run's
+    (default: ``settings["lr"]``).
     """
     if spec["kind"] == "none":
         return None
+    lr = settings.get("lr") if lr is None else lr
     for rec in load_runs(out):  # in table order: slam is the twin named before its controls
-        if (rec.get("run") != name and "same_as" not in rec and rec.get("settings") == settings
+        if (rec.get("run") != name and "same_as" not in rec and isinstance(rec.get("settings"), dict)
+                and comparable(rec["settings"]) == comparable(settings) and record_lr(rec) == lr
                 and rec.get("variant") == spec.get("variant")
                 and (rec.get("kind"), rec.get("layers"), rec.get("targets")) == (spec["kind"], spec["layers"], spec["targets"])):
             return rec
@@ -489,7 +550,7 @@ def do_run(name: str, args: argparse.Namespace) -> dict[str, Any]:
     else:
         msd_layers = []
     spec = run_spec(name, model, msd_layers, args.first_n_fraction)
-    twin = finished_twin(out, name, spec, settings_of(args))
+    twin = finished_twin(out, name, spec, settings_of(args), run_args(name, args).lr)
     if twin is not None:  # e.g. first_n when msd picks the first layers: the same training, already measured
         print(f"[experiments] {name}: trains exactly what {twin['run']} trained; its record is reused",
               file=sys.stderr)
@@ -530,26 +591,38 @@ def run_all(args: argparse.Namespace) -> list[str]:
     sfile = out / "settings.json"
     old = json.loads(sfile.read_text()) if sfile.is_file() and not args.overwrite else None
     if old is not None:
-        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        shared = comparable(settings)
+        diff = {k: (old.get(k), v) for k, v in shared.items() if old.get(k) != v}
         if diff:
             raise SystemExit(f"{out} holds runs made with other settings {diff}; use another --out or --overwrite")
+        if old.get("lr_by_run") != settings.get("lr_by_run"):  # the command that makes the table is now this one
+            _write_json(sfile, {**settings, "command": _command(args)})
     else:  # a resumed table keeps the command that started it (a resume may spell --out differently)
-        _write_json(sfile, {**settings, "command": " ".join(sys.argv)})
+        _write_json(sfile, {**settings, "command": _command(args)})
     done = []
     for name in expand_runs(_csv(args.runs), [int(s) for s in _csv(args.random_seeds)]):
         path = runs_dir / f"{name}.json"
-        if path.is_file() and json.loads(path.read_text()).get("settings") == settings:
+        if path.is_file() and is_current(_read_json_or_none(path), name, args):
             print(f"[experiments] {name}: done, skipped", file=sys.stderr)
             continue
         print(f"[experiments] {name}: running", file=sys.stderr)
         if args.isolate:
-            cmd = [sys.executable, os.path.abspath(__file__), *child_argv(sys.argv[1:], args.lr), "--no-isolate",
-                   "--only", name]
+            cmd = [sys.executable, os.path.abspath(__file__), *child_argv(_argv(args), args.lr, args.lr_by_run),
+                   "--no-isolate", "--only", name]
             subprocess.run(cmd, check=True)
         else:
             finish_run(name, args)
         done.append(name)
     return done
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    """The command line ``main`` parsed (``sys.argv`` when the namespace was built elsewhere)."""
+    return list(getattr(args, "argv", None) or sys.argv[1:])
+
+
+def _command(args: argparse.Namespace) -> str:
+    return " ".join(["benchmarks/paper_experiments.py", *_argv(args)])
 
 
 def finish_run(name: str, args: argparse.Namespace) -> None:
@@ -559,12 +632,15 @@ def finish_run(name: str, args: argparse.Namespace) -> None:
     shutil.rmtree(out / "checkpoints" / name, ignore_errors=True)
 
 
-def child_argv(argv: Sequence[str], lr: float) -> list[str]:
-    """The command line of one isolated run: this one, with the learning rate already chosen.
+def child_argv(argv: Sequence[str], lr: float, lr_by_run: str | None = None) -> list[str]:
+    """The command line of one isolated run: this one, with the learning rates already chosen.
 
-    ``--lr-grid`` is dropped and ``--lr`` set to ``lr`` (the grid's choice, or ``--lr``): a
-    child re-parses the command line, and would otherwise train at the default lr.
+    ``--lr-grid`` and ``--choose-lr`` are dropped, ``--lr`` set to ``lr`` (the grid's choice,
+    or ``--lr``) and, when given, ``--lr-by-run`` to ``lr_by_run`` (with the runs'
+    chosen lrs): a child re-parses the command line, and would otherwise train at the
+    default lr.
     """
+    valued = ("--lr-grid", "--lr", "--choose-lr", *(("--lr-by-run",) if lr_by_run is not None else ()))
     out: list[str] = []
     skip = False
     for i, a in enumerate(argv):
@@ -573,13 +649,13 @@ def child_argv(argv: Sequence[str], lr: float) -> list[str]:
             continue
         if a in ("--isolate", "--no-isolate", "--lr-grid-only"):
             continue
-        if a in ("--lr-grid", "--lr"):
+        if a in valued:
             skip = i + 1 < len(argv)
             continue
-        if a.startswith(("--lr-grid=", "--lr=")):
+        if a.startswith(tuple(f"{v}=" for v in valued)):
             continue
         out.append(a)
-    return [*out, "--lr", repr(float(lr))]
+    return [*out, "--lr", repr(float(lr)), *(("--lr-by-run", lr_by_run) if lr_by_run else ())]
 
 
 def choose_lr(args: argparse.Namespace) -> float:
@@ -608,7 +684,7 @@ def lr_trial(args: argparse.Namespace, lr: float, folder: Path) -> dict[str, Any
     trial.lr = lr
     settings = settings_of(trial)
     path = folder / f"lr{lr:g}.json"
-    if path.is_file() and json.loads(path.read_text()).get("settings") == settings:
+    if path.is_file() and comparable(json.loads(path.read_text()).get("settings") or {}) == comparable(settings):
         print(f"[experiments] lr {lr:g}: done, skipped", file=sys.stderr)
         return json.loads(path.read_text())
     model, tokenizer = load_model(args.model, dtype=args.dtype,
@@ -634,6 +710,91 @@ def lr_trial(args: argparse.Namespace, lr: float, folder: Path) -> dict[str, Any
     shutil.rmtree(folder / f"lr{lr:g}", ignore_errors=True)
     print(f"[experiments] lr {lr:g}: held-out translation loss {record['heldout_translation_loss']:.4f}",
           file=sys.stderr)
+    return record
+
+
+def lr_criterion(name: str) -> str:
+    """What a run's lr is chosen on: held-out data of what it trains on last, never MGSM.
+
+    The runs that end on solutions (``translate_train``, and ``two_stage``'s English SFT
+    stage) are judged on the English dev set; the others on the held-out translation pairs.
+    """
+    return "english_dev_nll" if name in ("translate_train", "two_stage") else "heldout_translation_loss"
+
+
+def choose_run_lrs(args: argparse.Namespace) -> str | None:
+    """``--choose-lr``: each named run's lr, chosen on its held-out criterion; returns the new ``--lr-by-run``.
+
+    A finished run of the table at one of the grid's lrs is that trial (same training);
+    the other trials train the run from a fresh base and measure only the criterion.
+    One JSON per trial in ``--out/lr_search/RUN/``, the choice in ``--out/lr_search/RUN.json``;
+    finished trials are skipped on restart.
+    """
+    grids = parse_lr_map(args.choose_lr, "--choose-lr", grid=True)
+    clash = set(grids) & set(parse_lr_map(args.lr_by_run, "--lr-by-run"))
+    if clash:
+        raise SystemExit(f"--choose-lr and --lr-by-run both set the lr of {sorted(clash)}; keep one")
+    if any(lr_criterion(n) == "english_dev_nll" for n in grids) and not args.english_sft:
+        raise SystemExit("--choose-lr for translate_train or two_stage needs --english-sft (the English dev set)")
+    lr_by_run = args.lr_by_run
+    for name, grid in grids.items():
+        criterion = lr_criterion(name)
+        values = {lr: run_trial(with_run_lr(args, name, lr), name, lr)[criterion] for lr in grid}
+        best = min(values, key=values.get)
+        _write_json(Path(args.out) / "lr_search" / f"{name}.json",
+                    {"run": name, "criterion": criterion, "values": {f"{k:g}": v for k, v in values.items()},
+                     "chosen": best,
+                     "settings": comparable(settings_of(args))})
+        print(f"[experiments] {name}: chosen lr {best:g} ({criterion})", file=sys.stderr)
+        lr_by_run = with_run_lr(argparse.Namespace(lr_by_run=lr_by_run), name, best).lr_by_run
+    return lr_by_run
+
+
+def run_trial(args: argparse.Namespace, name: str, lr: float) -> dict[str, Any]:
+    """Train run ``name`` at ``lr`` (``args`` already say so) from a fresh base; measure its lr criterion.
+
+    A finished trial is read back; so is a finished row of the table at this lr (the same
+    training), which is kept as the trial's record (``"from_table_row": true``).
+    """
+    from layerselect.models import load_model
+    from layerselect.train import translation_loss
+
+    folder = Path(args.out) / "lr_search" / name
+    path = folder / f"lr{lr:g}.json"
+    old = _read_json_or_none(path) if path.is_file() else None
+    criterion = lr_criterion(name)
+    if is_current(old, name, args) and isinstance(old.get(criterion), float):
+        print(f"[experiments] {name} lr {lr:g}: done, skipped", file=sys.stderr)
+        return old
+    row = _read_json_or_none(Path(args.out) / "runs" / f"{name}.json")
+    if is_current(row, name, args) and isinstance(row.get(criterion), float):
+        # the table's row trained exactly this; kept as a trial, so the choice survives the row's redo
+        record = {"run": name, "lr": lr, criterion: row[criterion], "from_table_row": True,
+                  "settings": settings_of(args)}
+        _write_json(path, record)
+        print(f"[experiments] {name} lr {lr:g}: the table's row is this trial", file=sys.stderr)
+        return record
+    print(f"[experiments] {name} lr {lr:g}: training", file=sys.stderr)
+    model, tokenizer = load_model(args.model, dtype=args.dtype,
+                                  device="cuda" if torch.cuda.is_available() else None)
+    torch.manual_seed(args.seed)
+    data = load_data(args, tokenizer)
+    sel = _read_json_or_none(Path(args.out) / "selection.json")
+    if not isinstance(sel, dict):
+        sel = _read_json_or_none(Path(args.out) / "lr_search" / "selection.json")
+    if not isinstance(sel, dict) or not isinstance(sel.get("layers"), list):
+        raise SystemExit(f"--choose-lr {name}: run 'base' (or --lr-grid) first: it computes the msd selection")
+    spec = run_spec(name, model, sel["layers"], args.first_n_fraction)
+    trainable_model = prepare(model, spec, savable=bool(args.checkpoint_every))[0]
+    run_dir = Path(args.out) / "checkpoints" / "lr_search" / name / f"lr{lr:g}"
+    timing = train_run(name, trainable_model, tokenizer, data, args, run_dir)
+    key = "english_dev" if criterion == "english_dev_nll" else "heldout"
+    record = {"run": name, "lr": lr, **spec, criterion: translation_loss(
+        trainable_model, tokenizer, data[key], batch_size=args.eval_batch_size, precision=resolved_precision(args)),
+        "train_loss": timing["train_loss"], "train_seconds": timing["train_seconds"], "settings": settings_of(args)}
+    _write_json(path, record)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    print(f"[experiments] {name} lr {lr:g}: {criterion} {record[criterion]:.4f}", file=sys.stderr)
     return record
 
 
@@ -708,6 +869,10 @@ def write_table(out: str | os.PathLike[str], md_path: str | os.PathLike[str], no
                   f"reasoning gap on the first {s['gap_questions']} MGSM questions in {s['gap_langs']} "
                   f"({s['bootstrap']} bootstrap resamples); overlap statistics on {s['stats_questions']} "
                   "questions per language.", ""]
+    for choice in _lr_choices(out):
+        values = ", ".join(f"{lr} -> {v:.4f}" for lr, v in choice["values"].items())
+        lines += [f"The lr of `{choice['run']}` was chosen on the {_CRITERION_NAMES[choice['criterion']]}: "
+                  f"{values}; chosen {choice['chosen']:g}.", ""]
     dev = any("english_dev_nll" in r for r in runs)
     slam_time = next((_train_seconds(r) for r in runs if r["run"] == "slam"), None)
     lines += ["| run | layers | targets | trainable | s/step | peak RSS MB | held-out transl. loss | "
@@ -757,6 +922,21 @@ def write_table(out: str | os.PathLike[str], md_path: str | os.PathLike[str], no
     return text
 
 
+_CRITERION_NAMES = {"heldout_translation_loss": "held-out translation loss", "english_dev_nll": "English dev NLL"}
+
+
+def _lr_choices(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The readable ``--choose-lr`` records in ``out/lr_search`` (a malformed one is left out of the page)."""
+    found = []
+    for path in sorted(Path(out, "lr_search").glob("*.json")):
+        rec = _read_json_or_none(path)
+        if (isinstance(rec, dict) and rec.get("run") == path.stem and rec.get("criterion") in _CRITERION_NAMES
+                and isinstance(rec.get("values"), dict) and isinstance(rec.get("chosen"), float)
+                and all(isinstance(v, float) for v in rec["values"].values())):
+            found.append(rec)
+    return found
+
+
 def _overlap_figure(runs: list[dict[str, Any]], path: str) -> str | None:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -780,7 +960,9 @@ def _overlap_figure(runs: list[dict[str, Any]], path: str) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what the isolated runs re-parse and settings.json records
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.table:
@@ -794,8 +976,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.lr_grid:
         args.lr = choose_lr(args)
         print(f"[experiments] chosen lr {args.lr:g} (held-out translation loss)", file=sys.stderr)
-        if args.lr_grid_only:
-            return 0
+    if args.choose_lr:
+        args.lr_by_run = choose_run_lrs(args)
+    if args.lr_grid_only and (args.lr_grid or args.choose_lr):
+        return 0
     run_all(args)
     return 0
 

@@ -370,3 +370,89 @@ def test_isolated_runs_train_at_the_learning_rate_the_grid_chose():
     args = mod.build_parser().parse_args([*child, "--no-isolate", "--only", "slam"])
     assert args.lr == 3e-4 and args.lr_grid is None and args.lr_by_run == "full=2e-5"
     assert mod.build_parser().parse_args(mod.child_argv(["--lr=0.5", "--out", "o"], 1e-3)).lr == 1e-3
+
+
+def _sft_file(tmp_path: Path) -> Path:
+    """GSM8K-style records: the English side of every training pair, word for word, plus 2 dev problems."""
+    dev = ["Tom has 3 apples and buys 4 more. How many in all?", "What is 10 minus 3 today?"]
+    problems = [{"index": i, "question": q, "solution": f"{q.split()[2]} + 2 = 5\n#### 5"}
+                for i, q in enumerate(ENGLISH + dev)]
+    path = tmp_path / "gsm8k_train.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in problems), encoding="utf-8")
+    return path
+
+
+def test_choose_lr_takes_each_runs_best_heldout_lr_and_keeps_the_other_rows(setup, tmp_path, capsys):
+    """--choose-lr: a finished row is its own trial, the others train; only the chosen run's row is redone."""
+    root, args = setup
+    mod = _load_script()
+    out = tmp_path / "out"
+    argv = [*[a if a != str(root / "out") else str(out) for a in args], "--english-sft", str(_sft_file(tmp_path)),
+            "--english-dev", "2", "--max-length", "512"]
+    assert mod.main([*argv, "--runs", "lora,translate_train"]) == 0
+    rows = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
+    assert rows["lora"]["lr"] == rows["translate_train"]["lr"] == 1e-4  # --lr's default
+    capsys.readouterr()
+    choose = ["--choose-lr", "lora=1e-4/0.05,translate_train=1e-4/0.02"]
+    assert mod.main([*argv, "--runs", "lora,translate_train", *choose]) == 0
+    err = capsys.readouterr().err
+    lora = json.loads((out / "lr_search" / "lora.json").read_text())
+    tt = json.loads((out / "lr_search" / "translate_train.json").read_text())
+    assert lora["criterion"] == "heldout_translation_loss" and tt["criterion"] == "english_dev_nll"
+    # the 1e-4 trials are the finished rows; the others trained from a fresh base
+    trials = {p.name: json.loads(p.read_text()) for p in (out / "lr_search" / "lora").glob("*.json")}
+    assert trials["lr0.0001.json"]["from_table_row"] and "from_table_row" not in trials["lr0.05.json"]
+    assert trials["lr0.05.json"]["train_loss"] and trials["lr0.05.json"]["lr"] == 0.05
+    assert lora["values"]["0.0001"] == rows["lora"]["heldout_translation_loss"]
+    assert tt["values"]["0.0001"] == rows["translate_train"]["english_dev_nll"]
+    for choice in (lora, tt):
+        assert choice["chosen"] == float(min(choice["values"], key=choice["values"].get))
+    assert lora["chosen"] == 0.05 and tt["chosen"] == 0.02  # a tiny random model learns faster at a large lr
+    # base is untouched; lora and translate_train were trained again at their chosen lr, which is the very
+    # computation of their trial: the row's measure is the trial's, to the bit
+    assert "base: done, skipped" in err and "lora: running" in err and "translate_train: running" in err
+    assert "lora lr 0.0001: the table's row is this trial" in err and "lora lr 0.05: training" in err
+    new = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
+    assert new["base"] == rows["base"]
+    assert new["lora"]["lr"] == 0.05 and new["translate_train"]["lr"] == 0.02
+    assert new["lora"]["heldout_translation_loss"] == lora["values"]["0.05"]
+    assert new["translate_train"]["english_dev_nll"] == tt["values"]["0.02"]
+    assert not (out / "checkpoints" / "lr_search").exists() or not any((out / "checkpoints" / "lr_search").rglob("*.pt"))
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["lr_by_run"] == "lora=0.05,translate_train=0.02" and "--choose-lr" in settings["command"]
+    text = mod.write_table(out, tmp_path / "t.md")
+    assert "The lr of `lora` was chosen on the held-out translation loss: 0.0001 -> " in text
+    assert "The lr of `translate_train` was chosen on the English dev NLL" in text
+    # again: every trial and row is found, nothing trains
+    capsys.readouterr()
+    assert mod.main([*argv, "--runs", "lora,translate_train", *choose]) == 0
+    err = capsys.readouterr().err
+    assert "training" not in err and "running" not in err
+    assert "lora lr 0.05: done, skipped" in err and "lora lr 0.0001: done, skipped" in err
+    assert json.loads((out / "lr_search" / "lora.json").read_text()) == lora  # the 1e-4 row was redone: kept
+
+
+@pytest.mark.parametrize(("value", "extra", "message"), [
+    ("full=abc", [], "must be numbers"),
+    ("nope=1e-4", [], "is not RUN=LR"),
+    ("full=1e-4,full=2e-4", [], "twice"),
+    ("full=0/1e-4", [], "must be positive"),
+    ("full=1e-5/2e-5", ["--lr-by-run", "full=2e-5"], "both set the lr of \\['full'\\]"),
+    ("two_stage=1e-5/2e-5", [], "needs --english-sft"),
+])
+def test_choose_lr_refuses_a_bad_grid_before_training(tmp_path, value, extra, message):
+    mod = _load_script()
+    args = mod.build_parser().parse_args(["--out", str(tmp_path), "--choose-lr", value, *extra])
+    with pytest.raises(SystemExit, match=message):
+        mod.choose_run_lrs(args)
+    assert not any(tmp_path.iterdir())
+
+
+def test_isolated_runs_get_the_chosen_per_run_lrs_not_the_grid():
+    mod = _load_script()
+    argv = ["--model", "m", "--choose-lr", "full=1e-5/2e-5", "--lr-by-run=lora=3e-4", "--out", "o"]
+    child = mod.child_argv(argv, 1e-4, "lora=3e-4,full=1e-05")
+    assert "--choose-lr" not in child and "--lr-by-run=lora=3e-4" not in child
+    args = mod.build_parser().parse_args([*child, "--no-isolate", "--only", "full"])
+    assert args.choose_lr is None and mod.run_args("full", args).lr == 1e-5 and mod.run_args("lora", args).lr == 3e-4
+    assert mod.run_args("slam", args).lr == 1e-4
