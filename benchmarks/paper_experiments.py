@@ -812,17 +812,36 @@ def _mean_other_nll(gap: dict[str, Any]) -> float:
     return sum(gap["nll"][x] for x in others) / len(others) if others else float("nan")
 
 
+def _timed_steps(run: dict[str, Any]) -> tuple[int, int]:
+    """``(timed, trained)`` optimizer steps: a resumed run timed only the steps after its checkpoint."""
+    parts = list(run["stages"].values()) if isinstance(run.get("stages"), dict) else [run]
+    timed = sum(len(p.get("step_seconds") or []) for p in parts)
+    trained = sum(p.get("steps_trained") or len(p.get("step_seconds") or []) for p in parts)
+    return timed, max(trained, timed)
+
+
 def _train_seconds(run: dict[str, Any]) -> float | None:
-    """Wall-clock training time of a run (its optimizer steps; None when it did not train)."""
-    if "train_seconds" in run:
-        return run["train_seconds"]
-    return sum(run["step_seconds"]) if run.get("step_seconds") else None
+    """Wall-clock training time of a run (its optimizer steps; None when it did not train).
+
+    A run resumed from a checkpoint timed only its last steps (the earlier ones ran in
+    another process): its time is those steps' mean x every step, see :func:`_time_cell`.
+    """
+    if isinstance(run.get("stages"), dict):  # each stage extrapolated on its own step times
+        times = [_train_seconds(stage) for stage in run["stages"].values()]
+        return sum(times) if all(t is not None for t in times) else None
+    t = run["train_seconds"] if "train_seconds" in run else sum(run.get("step_seconds") or []) or None
+    timed, trained = _timed_steps(run)
+    return t * trained / timed if t is not None and 0 < timed < trained else t
 
 
 def _time_cell(run: dict[str, Any], slam_time: float | None) -> str:
     t = _train_seconds(run)
     if t is None or "same_as" in run:
         return "-"
+    timed, trained = _timed_steps(run)
+    if timed < trained:  # extrapolated, and the page says so
+        ratio = f"{t / slam_time:.1f}x; " if slam_time else ""
+        return f"≈{t:.0f} ({ratio}{timed} of {trained} steps timed, resumed)"
     return f"{t:.0f} ({t / slam_time:.1f}x)" if slam_time else f"{t:.0f}"
 
 

@@ -456,3 +456,22 @@ def test_isolated_runs_get_the_chosen_per_run_lrs_not_the_grid():
     args = mod.build_parser().parse_args([*child, "--no-isolate", "--only", "full"])
     assert args.choose_lr is None and mod.run_args("full", args).lr == 1e-5 and mod.run_args("lora", args).lr == 3e-4
     assert mod.run_args("slam", args).lr == 1e-4
+
+
+def test_a_resumed_runs_training_time_is_extrapolated_and_labelled():
+    """Steps trained before a resume were timed by another process: mean of the timed steps x all steps."""
+    mod = _load_script()
+    resumed = {"train_seconds": 300.0, "step_seconds": [10.0] * 30, "steps_trained": 40}
+    assert mod._train_seconds(resumed) == pytest.approx(400.0)  # 300 s / 30 steps x 40 steps
+    assert mod._time_cell(resumed, 200.0) == "≈400 (2.0x; 30 of 40 steps timed, resumed)"
+    stopped = {"train_seconds": 120.0, "step_seconds": [12.0] * 10, "steps_trained": 10}  # a guard stop: all timed
+    assert mod._train_seconds(stopped) == 120.0 and mod._time_cell(stopped, 240.0) == "120 (0.5x)"
+    stages = {"train_seconds": 500.0, "stages": {  # two stages, the first resumed at step 2 of 4
+        "translation": {"train_seconds": 100.0, "step_seconds": [50.0, 50.0], "steps_trained": 4},
+        "english_sft": {"train_seconds": 400.0, "step_seconds": [100.0] * 4, "steps_trained": 4}}}
+    assert mod._timed_steps(stages) == (6, 8)
+    assert mod._train_seconds(stages) == pytest.approx(4 * 50.0 + 400.0)  # each stage at its own pace
+    assert mod._time_cell(stages, None) == "≈600 (6 of 8 steps timed, resumed)"
+    two = json.loads((ROOT / "docs/results/gemma-3-270m-gsm8k/runs/two_stage.json").read_text())
+    assert mod._train_seconds(two) == pytest.approx(two["train_seconds"])  # not resumed: as measured
+    assert mod._time_cell({"step_seconds": [1.0, 2.0]}, 3.0) == "3 (1.0x)"  # old records: no steps_trained
