@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import resource
@@ -208,9 +209,9 @@ def record_lr(record: dict[str, Any]) -> float | None:
 
 def is_current(record: Any, name: str, args: argparse.Namespace) -> bool:
     """Whether a finished run's record stands for run ``name`` under these options (same settings and lr)."""
-    if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
+    if not isinstance(record, dict) or not isinstance(record.get("settings"), dict) or record.get("run") != name:
         return False
-    if comparable(record["settings"]) != comparable(settings_of(args)):
+    if comparable(record["settings"]) != comparable(settings_of(args)):  # the table's --lr included
         return False
     return name == "base" or record_lr(record) == run_args(name, args).lr
 
@@ -229,8 +230,12 @@ def parse_lr_map(value: str | None, option: str, grid: bool = False) -> dict[str
             values = [float(x) for x in lrs.split("/")] if grid else [float(lrs)]
         except ValueError:
             raise SystemExit(f"{option}: {item!r}: learning rates must be numbers, e.g. {name}=2e-5") from None
-        if not values or any(not v > 0 for v in values):
+        if not values or any(not v > 0 for v in values):  # also NaN
             raise SystemExit(f"{option}: {item!r}: learning rates must be positive")
+        if len({f"{v:g}" for v in values}) < len(values):  # trial files are named by the lr's %g
+            raise SystemExit(f"{option}: {item!r}: two learning rates are the same to 6 digits")
+        if grid and name == "random":
+            raise SystemExit(f"{option}: random's seeds train at --lr, slam's; choose that one with --lr-grid")
         out[name] = values if grid else values[0]
     return out
 
@@ -464,9 +469,10 @@ def train(model: Any, tokenizer: Any, features: Sequence[dict[str, list[int]]], 
 def run_args(name: str, args: argparse.Namespace) -> argparse.Namespace:
     """``args`` with this run's learning rate (``--lr-by-run``), else ``--lr``."""
     lrs = parse_lr_map(args.lr_by_run, "--lr-by-run")
+    key = "random" if name.startswith("random_s") else name  # random=LR sets every seed's
     out = argparse.Namespace(**vars(args))
-    if name in lrs:
-        out.lr = lrs[name]
+    if key in lrs:
+        out.lr = lrs[key]
     return out
 
 
@@ -589,12 +595,8 @@ def run_all(args: argparse.Namespace) -> list[str]:
     runs_dir = out / "runs"
     settings = settings_of(args)
     sfile = out / "settings.json"
-    old = json.loads(sfile.read_text()) if sfile.is_file() and not args.overwrite else None
+    old = check_table_settings(args)
     if old is not None:
-        shared = comparable(settings)
-        diff = {k: (old.get(k), v) for k, v in shared.items() if old.get(k) != v}
-        if diff:
-            raise SystemExit(f"{out} holds runs made with other settings {diff}; use another --out or --overwrite")
         if old.get("lr_by_run") != settings.get("lr_by_run"):  # the command that makes the table is now this one
             _write_json(sfile, {**settings, "command": _command(args)})
     else:  # a resumed table keeps the command that started it (a resume may spell --out differently)
@@ -734,13 +736,19 @@ def choose_run_lrs(args: argparse.Namespace) -> str | None:
     clash = set(grids) & set(parse_lr_map(args.lr_by_run, "--lr-by-run"))
     if clash:
         raise SystemExit(f"--choose-lr and --lr-by-run both set the lr of {sorted(clash)}; keep one")
-    if any(lr_criterion(n) == "english_dev_nll" for n in grids) and not args.english_sft:
-        raise SystemExit("--choose-lr for translate_train or two_stage needs --english-sft (the English dev set)")
+    needs_sft = sorted(n for n in grids if n in PROTOCOL_RUNS)
+    if needs_sft and not args.english_sft:
+        raise SystemExit(f"--choose-lr for {', '.join(needs_sft)} needs --english-sft (the GSM8K-train solutions)")
+    if "slam" in grids and args.lr_grid:
+        raise SystemExit("--lr-grid already chooses slam's lr (the table's --lr); drop slam from --choose-lr")
     lr_by_run = args.lr_by_run
     for name, grid in grids.items():
         criterion = lr_criterion(name)
         values = {lr: run_trial(with_run_lr(args, name, lr), name, lr)[criterion] for lr in grid}
-        best = min(values, key=values.get)
+        finite = {lr: v for lr, v in values.items() if math.isfinite(v)}
+        if not finite:
+            raise SystemExit(f"--choose-lr {name}: every trial diverged ({criterion} not finite); try smaller lrs")
+        best = min(finite, key=finite.get)
         _write_json(Path(args.out) / "lr_search" / f"{name}.json",
                     {"run": name, "criterion": criterion, "values": {f"{k:g}": v for k, v in values.items()},
                      "chosen": best,
@@ -748,6 +756,38 @@ def choose_run_lrs(args: argparse.Namespace) -> str | None:
         print(f"[experiments] {name}: chosen lr {best:g} ({criterion})", file=sys.stderr)
         lr_by_run = with_run_lr(argparse.Namespace(lr_by_run=lr_by_run), name, best).lr_by_run
     return lr_by_run
+
+
+_NO_SELECTION_RUNS = ("base", "lora", "full", "translate_train", "two_stage")
+
+
+def _msd_layers_for(name: str, args: argparse.Namespace) -> list[int]:
+    """The msd layers a trial of run ``name`` trains (only the selective runs need them): the table's own."""
+    if name in _NO_SELECTION_RUNS:
+        return []
+    out = Path(args.out)
+    sel = _read_json_or_none(out / "selection.json")
+    layers = sel.get("layers") if isinstance(sel, dict) else None
+    if (not is_current(_read_json_or_none(out / "runs" / "base.json"), "base", args) or not isinstance(layers, list)
+            or not layers or not all(isinstance(i, int) and i >= 0 for i in layers)):
+        raise SystemExit(f"--choose-lr {name}: a trial trains the msd layers of this table's base model; run "
+                         "'base' first (--runs base), then choose")
+    return layers
+
+
+def check_table_settings(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--out``'s settings.json (None if new or ``--overwrite``); exits if its runs were made otherwise."""
+    out = Path(args.out)
+    sfile = out / "settings.json"
+    if not sfile.is_file() or args.overwrite:
+        return None
+    old = _read_json_or_none(sfile)
+    if not isinstance(old, dict):
+        raise SystemExit(f"{sfile} is unreadable; use another --out, or --overwrite to start the table again")
+    diff = {k: (old.get(k), v) for k, v in comparable(settings_of(args)).items() if old.get(k) != v}
+    if diff:
+        raise SystemExit(f"{out} holds runs made with other settings {diff}; use another --out or --overwrite")
+    return old
 
 
 def run_trial(args: argparse.Namespace, name: str, lr: float) -> dict[str, Any]:
@@ -763,6 +803,7 @@ def run_trial(args: argparse.Namespace, name: str, lr: float) -> dict[str, Any]:
     path = folder / f"lr{lr:g}.json"
     old = _read_json_or_none(path) if path.is_file() else None
     criterion = lr_criterion(name)
+    msd_layers = _msd_layers_for(name, args)  # before anything loads: a missing base run is said at once
     if is_current(old, name, args) and isinstance(old.get(criterion), float):
         print(f"[experiments] {name} lr {lr:g}: done, skipped", file=sys.stderr)
         return old
@@ -779,12 +820,7 @@ def run_trial(args: argparse.Namespace, name: str, lr: float) -> dict[str, Any]:
                                   device="cuda" if torch.cuda.is_available() else None)
     torch.manual_seed(args.seed)
     data = load_data(args, tokenizer)
-    sel = _read_json_or_none(Path(args.out) / "selection.json")
-    if not isinstance(sel, dict):
-        sel = _read_json_or_none(Path(args.out) / "lr_search" / "selection.json")
-    if not isinstance(sel, dict) or not isinstance(sel.get("layers"), list):
-        raise SystemExit(f"--choose-lr {name}: run 'base' (or --lr-grid) first: it computes the msd selection")
-    spec = run_spec(name, model, sel["layers"], args.first_n_fraction)
+    spec = run_spec(name, model, msd_layers, args.first_n_fraction)
     trainable_model = prepare(model, spec, savable=bool(args.checkpoint_every))[0]
     run_dir = Path(args.out) / "checkpoints" / "lr_search" / name / f"lr{lr:g}"
     timing = train_run(name, trainable_model, tokenizer, data, args, run_dir)
@@ -799,8 +835,23 @@ def run_trial(args: argparse.Namespace, name: str, lr: float) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------- report
+_RECORD_KEYS = ("run", "kind", "layers", "targets", "settings", "gap", "overlap_avg", "trainable_params",
+                "trainable_pct", "peak_rss_mb", "heldout_translation_loss", "english_loss")
+
+
 def load_runs(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    runs = [json.loads(p.read_text()) for p in sorted(Path(out, "runs").glob("*.json"))]
+    """The finished runs' records in table order; an unreadable or incomplete file is named and left out."""
+    runs = []
+    for path in sorted(Path(out, "runs").glob("*.json")):
+        rec = _read_json_or_none(path)
+        missing = [k for k in _RECORD_KEYS if k not in rec] if isinstance(rec, dict) else list(_RECORD_KEYS)
+        if (missing or rec["run"] != path.stem or not isinstance(rec["gap"], dict)
+                or not isinstance(rec["settings"], dict)):
+            print(f"[experiments] {path}: not a finished run's record (missing or wrong: "
+                  f"{', '.join(missing) or 'run, gap or settings'}); left out; delete it to run it again",
+                  file=sys.stderr)
+            continue
+        runs.append(rec)
     order = {n: i for i, n in enumerate(("base", *KNOWN_RUNS))}
     return sorted(runs, key=lambda r: (order.get(r["run"].split("_s")[0] if r["run"].startswith("random") else r["run"], 99),
                                        r["run"]))
@@ -831,18 +882,27 @@ def _train_seconds(run: dict[str, Any]) -> float | None:
         return sum(times) if all(t is not None for t in times) else None
     t = run["train_seconds"] if "train_seconds" in run else sum(run.get("step_seconds") or []) or None
     timed, trained = _timed_steps(run)
-    return t * trained / timed if t is not None and 0 < timed < trained else t
+    if timed == 0 < trained:  # resumed after its last step (killed while measured): never timed here
+        return None
+    return t * trained / timed if t is not None and timed < trained else t
 
 
 def _time_cell(run: dict[str, Any], slam_time: float | None) -> str:
     t = _train_seconds(run)
-    if t is None or "same_as" in run:
+    if "same_as" in run or (t is None and not _timed_steps(run)[1]):
         return "-"
+    if t is None:
+        return "not timed (resumed after training)"
     timed, trained = _timed_steps(run)
     if timed < trained:  # extrapolated, and the page says so
-        ratio = f"{t / slam_time:.1f}x; " if slam_time else ""
+        ratio = f"{t / slam_time:.1f}x; " if slam_time else ""  # slam_time: None or > 0
         return f"≈{t:.0f} ({ratio}{timed} of {trained} steps timed, resumed)"
     return f"{t:.0f} ({t / slam_time:.1f}x)" if slam_time else f"{t:.0f}"
+
+
+def _lr_cell(run: dict[str, Any]) -> str:
+    lr = record_lr(run)
+    return f"{lr:g}" if run["kind"] != "none" and isinstance(lr, (int, float)) else "-"
 
 
 def _iv(x: Any) -> str:
@@ -880,31 +940,34 @@ def write_table(out: str | os.PathLike[str], md_path: str | os.PathLike[str], no
     s = settings
     if s:
         weights = s["dtype"] + (f", {s['precision']} autocast" if s.get("precision") else "")
-        per_run = f"; {s['lr_by_run']}" if s.get("lr_by_run") else ""
         lines += [f"Model `{s['model']}` ({weights}); {s['steps']} optimizer steps x effective batch "
                   f"{s['batch_size'] * s['grad_accum']} ({s['batch_size']} x {s['grad_accum']} accumulation), "
-                  f"lr {s['lr']:g}{per_run} (AdamW, constant, no weight decay), max length {s['max_length']}; "
+                  f"lr {s['lr']:g} unless the lr column says otherwise (AdamW, constant, no weight decay), max length {s['max_length']}; "
                   f"training languages {s['train_langs']}; held out {s['heldout_per_lang']} pairs per language; "
                   f"reasoning gap on the first {s['gap_questions']} MGSM questions in {s['gap_langs']} "
                   f"({s['bootstrap']} bootstrap resamples); overlap statistics on {s['stats_questions']} "
                   "questions per language.", ""]
-    for choice in _lr_choices(out):
+    row_lr = {r["run"]: record_lr(r) for r in runs}
+    for choice in _lr_choices(out, settings):
         values = ", ".join(f"{lr} -> {v:.4f}" for lr, v in choice["values"].items())
+        stale = ("" if row_lr.get(choice["run"]) in (choice["chosen"], None) else
+                 f" (its row was trained at {row_lr[choice['run']]:g}: run the command again)")
         lines += [f"The lr of `{choice['run']}` was chosen on the {_CRITERION_NAMES[choice['criterion']]}: "
-                  f"{values}; chosen {choice['chosen']:g}.", ""]
+                  f"{values}; chosen {choice['chosen']:g}{stale}.", ""]
     dev = any("english_dev_nll" in r for r in runs)
     slam_time = next((_train_seconds(r) for r in runs if r["run"] == "slam"), None)
-    lines += ["| run | layers | targets | trainable | s/step | peak RSS MB | held-out transl. loss | "
+    lines += ["| run | layers | targets | lr | trainable | s/step | peak RSS MB | held-out transl. loss | "
               "English loss | NLL en | NLL non-en (mean) | avg gap [95% CI] | Δ avg gap vs base [95% paired CI] |"
               + (" English dev NLL | training time s (x slam) |" if dev else ""),
-              "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if dev else "")]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if dev else "")]
     for r in runs:
         g = r["gap"]
         d, lo, hi = paired_gap_delta(r, base) if base and r is not base else (float("nan"),) * 3
         layers = "all" if r["kind"] in ("lora", "full") or len(r["layers"]) > 8 else str(r["layers"])
-        step = f"= {r['same_as']}" if "same_as" in r else f"{r['s_per_step']:.2f}" if "s_per_step" in r else "-"
+        step = f"= {r['same_as']}" if "same_as" in r else f"{r['s_per_step']:.2f}" if r.get("s_per_step") else "-"
         lines.append(
             f"| {r['run']} | {layers if r['kind'] != 'none' else '-'} | {'+'.join(r['targets']) or '-'} | "
+            f"{_lr_cell(r)} | "
             f"{r['trainable_params']:,} ({r['trainable_pct']:.2f}%) | {step} | {r['peak_rss_mb']:.0f} | "
             f"{r['heldout_translation_loss']:.4f} | {r['english_loss']:.4f} | {g['nll'][g['reference']]:.4f} | "
             f"{_mean_other_nll(g):.4f} | "
@@ -944,14 +1007,16 @@ def write_table(out: str | os.PathLike[str], md_path: str | os.PathLike[str], no
 _CRITERION_NAMES = {"heldout_translation_loss": "held-out translation loss", "english_dev_nll": "English dev NLL"}
 
 
-def _lr_choices(out: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The readable ``--choose-lr`` records in ``out/lr_search`` (a malformed one is left out of the page)."""
+def _lr_choices(out: str | os.PathLike[str], settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """The readable ``--choose-lr`` records in ``out/lr_search`` made with the table's ``settings``."""
     found = []
     for path in sorted(Path(out, "lr_search").glob("*.json")):
         rec = _read_json_or_none(path)
         if (isinstance(rec, dict) and rec.get("run") == path.stem and rec.get("criterion") in _CRITERION_NAMES
                 and isinstance(rec.get("values"), dict) and isinstance(rec.get("chosen"), float)
-                and all(isinstance(v, float) for v in rec["values"].values())):
+                and all(isinstance(v, float) for v in rec["values"].values())
+                and isinstance(rec.get("settings"), dict)
+                and comparable(rec["settings"]) == comparable({k: v for k, v in settings.items() if k != "command"})):
             found.append(rec)
     return found
 
@@ -995,9 +1060,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.lr_grid:
         args.lr = choose_lr(args)
         print(f"[experiments] chosen lr {args.lr:g} (held-out translation loss)", file=sys.stderr)
+    if args.lr_grid_only and not (args.lr_grid or args.choose_lr):
+        raise SystemExit("--lr-grid-only stops after choosing lrs: give --lr-grid or --choose-lr")
     if args.choose_lr:
+        check_table_settings(args)  # before hours of trials, not after
         args.lr_by_run = choose_run_lrs(args)
-    if args.lr_grid_only and (args.lr_grid or args.choose_lr):
+    if args.lr_grid_only:
         return 0
     run_all(args)
     return 0

@@ -264,7 +264,7 @@ def test_a_run_that_trains_what_a_finished_run_trained_reuses_its_record(tmp_pat
     settings = {"steps": 40, "lr": 1e-4}
     runs = tmp_path / "runs"
     runs.mkdir()
-    slam = {"run": "slam", "kind": "selective", "layers": [0], "targets": ["up", "down"], "settings": settings}
+    slam = _record("slam", settings=settings)  # a complete record: an incomplete one is never a twin
     (runs / "slam.json").write_text(json.dumps(slam))
     (runs / "random_s0.json").write_text(json.dumps({**slam, "run": "random_s0"}))  # the same layer by chance
     same = {"kind": "selective", "layers": [0], "targets": ["up", "down"]}
@@ -389,34 +389,32 @@ def test_choose_lr_takes_each_runs_best_heldout_lr_and_keeps_the_other_rows(setu
     out = tmp_path / "out"
     argv = [*[a if a != str(root / "out") else str(out) for a in args], "--english-sft", str(_sft_file(tmp_path)),
             "--english-dev", "2", "--max-length", "512"]
-    assert mod.main([*argv, "--runs", "lora,translate_train"]) == 0
+    assert mod.main([*argv, "--runs", "lora"]) == 0
     rows = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
-    assert rows["lora"]["lr"] == rows["translate_train"]["lr"] == 1e-4  # --lr's default
+    assert rows["lora"]["lr"] == 1e-4  # --lr's default
     capsys.readouterr()
     choose = ["--choose-lr", "lora=1e-4/0.05,translate_train=1e-4/0.02"]
-    assert mod.main([*argv, "--runs", "lora,translate_train", *choose]) == 0
+    assert mod.main([*argv, "--runs", "lora", *choose]) == 0  # translate_train's lr chosen, its row not run
     err = capsys.readouterr().err
     lora = json.loads((out / "lr_search" / "lora.json").read_text())
     tt = json.loads((out / "lr_search" / "translate_train.json").read_text())
     assert lora["criterion"] == "heldout_translation_loss" and tt["criterion"] == "english_dev_nll"
-    # the 1e-4 trials are the finished rows; the others trained from a fresh base
+    # lora's 1e-4 trial is its finished row; the other trials trained from a fresh base
     trials = {p.name: json.loads(p.read_text()) for p in (out / "lr_search" / "lora").glob("*.json")}
     assert trials["lr0.0001.json"]["from_table_row"] and "from_table_row" not in trials["lr0.05.json"]
     assert trials["lr0.05.json"]["train_loss"] and trials["lr0.05.json"]["lr"] == 0.05
     assert lora["values"]["0.0001"] == rows["lora"]["heldout_translation_loss"]
-    assert tt["values"]["0.0001"] == rows["translate_train"]["english_dev_nll"]
+    assert tt["values"]["0.0001"] != tt["values"]["0.02"] and (out / "lr_search/translate_train/lr0.02.json").is_file()
     for choice in (lora, tt):
         assert choice["chosen"] == float(min(choice["values"], key=choice["values"].get))
     assert lora["chosen"] == 0.05 and tt["chosen"] == 0.02  # a tiny random model learns faster at a large lr
-    # base is untouched; lora and translate_train were trained again at their chosen lr, which is the very
-    # computation of their trial: the row's measure is the trial's, to the bit
-    assert "base: done, skipped" in err and "lora: running" in err and "translate_train: running" in err
+    # base is untouched; lora was trained again at its chosen lr, which is the very computation of its
+    # trial: the row's measure is the trial's, to the bit
+    assert "base: done, skipped" in err and "lora: running" in err and "translate_train: running" not in err
     assert "lora lr 0.0001: the table's row is this trial" in err and "lora lr 0.05: training" in err
     new = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
     assert new["base"] == rows["base"]
-    assert new["lora"]["lr"] == 0.05 and new["translate_train"]["lr"] == 0.02
-    assert new["lora"]["heldout_translation_loss"] == lora["values"]["0.05"]
-    assert new["translate_train"]["english_dev_nll"] == tt["values"]["0.02"]
+    assert new["lora"]["lr"] == 0.05 and new["lora"]["heldout_translation_loss"] == lora["values"]["0.05"]
     assert not (out / "checkpoints" / "lr_search").exists() or not any((out / "checkpoints" / "lr_search").rglob("*.pt"))
     settings = json.loads((out / "settings.json").read_text())
     assert settings["lr_by_run"] == "lora=0.05,translate_train=0.02" and "--choose-lr" in settings["command"]
@@ -425,7 +423,7 @@ def test_choose_lr_takes_each_runs_best_heldout_lr_and_keeps_the_other_rows(setu
     assert "The lr of `translate_train` was chosen on the English dev NLL" in text
     # again: every trial and row is found, nothing trains
     capsys.readouterr()
-    assert mod.main([*argv, "--runs", "lora,translate_train", *choose]) == 0
+    assert mod.main([*argv, "--runs", "lora", *choose]) == 0
     err = capsys.readouterr().err
     assert "training" not in err and "running" not in err
     assert "lora lr 0.05: done, skipped" in err and "lora lr 0.0001: done, skipped" in err
@@ -439,6 +437,10 @@ def test_choose_lr_takes_each_runs_best_heldout_lr_and_keeps_the_other_rows(setu
     ("full=0/1e-4", [], "must be positive"),
     ("full=1e-5/2e-5", ["--lr-by-run", "full=2e-5"], "both set the lr of \\['full'\\]"),
     ("two_stage=1e-5/2e-5", [], "needs --english-sft"),
+    ("slam_guard=1e-5/2e-5", [], "needs --english-sft"),
+    ("random=1e-4/3e-4", [], "choose that one with --lr-grid"),
+    ("full=1e-4/1.0000001e-4", [], "the same to 6 digits"),
+    ("slam=1e-4/3e-4", ["--lr-grid", "1e-4,3e-4"], "already chooses slam's lr"),
 ])
 def test_choose_lr_refuses_a_bad_grid_before_training(tmp_path, value, extra, message):
     mod = _load_script()
@@ -475,3 +477,89 @@ def test_a_resumed_runs_training_time_is_extrapolated_and_labelled():
     two = json.loads((ROOT / "docs/results/gemma-3-270m-gsm8k/runs/two_stage.json").read_text())
     assert mod._train_seconds(two) == pytest.approx(two["train_seconds"])  # not resumed: as measured
     assert mod._time_cell({"step_seconds": [1.0, 2.0]}, 3.0) == "3 (1.0x)"  # old records: no steps_trained
+
+
+def _record(run: str, **extra):
+    """A finished run's record as the harness writes it (the fields the table reads)."""
+    per_question = {"en": {"nll_sum": [1.0, 3.0], "tokens": [2, 2]}, "de": {"nll_sum": [2.0, 4.0], "tokens": [2, 2]}}
+    gap = {"reference": "en", "langs": ["en", "de"], "nll": {"en": 1.0, "de": 1.5}, "gap": {"de": 0.5},
+           "avg_gap": 0.5, "per_question": per_question}
+    return {"run": run, "kind": "selective", "layers": [0], "targets": ["up", "down"], "gap": gap,
+            "overlap_avg": [0.5, 0.6], "trainable_params": 10, "trainable_pct": 1.0, "peak_rss_mb": 100.0,
+            "heldout_translation_loss": 1.0, "english_loss": 2.0, **extra}
+
+
+def test_records_are_current_by_their_own_lr_old_and_new_format(tmp_path):
+    """The lr map is per run: a record stands while its own lr (top level, or the table's --lr) matches."""
+    mod = _load_script()
+    args = mod.build_parser().parse_args(["--out", str(tmp_path), "--lr", "3e-4", "--lr-by-run", "full=1e-05,lora=1e-3"])
+    settings = mod.settings_of(args)
+    old_map = {**settings, "lr_by_run": "full=2e-5,two_stage=2e-5"}  # written before --choose-lr existed
+    assert mod.is_current(_record("slam", settings=old_map), "slam", args)  # no top-level lr: the table's 3e-4
+    assert mod.is_current(_record("full", settings=old_map, lr=1e-5), "full", args)
+    assert not mod.is_current(_record("full", settings=old_map, lr=2e-5), "full", args)  # its own lr changed
+    assert not mod.is_current(_record("lora", settings=old_map), "lora", args)  # trained at 3e-4, not 1e-3
+    assert not mod.is_current(_record("slam", settings={**settings, "steps": 1}), "slam", args)
+    assert not mod.is_current(_record("slam", settings=settings), "last_n", args)  # another run's record
+    assert not mod.is_current(["not", "a", "record"], "slam", args)
+    # random=LR sets every seed's lr
+    assert mod.run_args("random_s1", mod.build_parser().parse_args(["--out", "o", "--lr-by-run", "random=0.002"])).lr == 0.002
+
+
+def test_a_malformed_run_file_is_named_and_left_out_of_the_table(tmp_path, capsys):
+    mod = _load_script()
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    settings = {"lr": 1e-4}
+    (runs / "base.json").write_text(json.dumps(_record("base", settings=settings, kind="none", layers=[], targets=[])))
+    (runs / "slam.json").write_text(json.dumps(_record("slam", settings=settings, lr=1e-4)))
+    (runs / "lora.json").write_text('{"run": "lora", "gap": ')  # truncated
+    (runs / "full.json").write_text(json.dumps(["a", "list"]))
+    (runs / "last_n.json").write_text(json.dumps(_record("slam", settings=settings)))  # names another run
+    (runs / "first_n.json").write_text(json.dumps({k: v for k, v in _record("first_n", settings=settings).items()
+                                                   if k != "gap"}))
+    assert [r["run"] for r in mod.load_runs(tmp_path)] == ["base", "slam"]
+    err = capsys.readouterr().err
+    for name in ("lora", "full", "last_n", "first_n"):
+        assert f"{name}.json: not a finished run's record" in err
+    assert "missing or wrong: gap" in err
+    text = mod.write_table(tmp_path, tmp_path / "t.md")
+    assert "| slam | [0] | up+down | 0.0001 |" in text and "| base | - | - | - |" in text
+
+
+def test_a_run_resumed_after_its_last_step_is_not_timed_rather_than_zero():
+    mod = _load_script()
+    measured_only = {"train_seconds": 0, "step_seconds": [], "steps_trained": 40, "s_per_step": None}
+    assert mod._train_seconds(measured_only) is None
+    assert mod._time_cell(measured_only, 400.0) == "not timed (resumed after training)"
+    assert mod._time_cell({"kind": "none"}, 400.0) == "-"  # base: did not train
+
+
+def test_choose_lr_skips_diverged_trials_and_refuses_when_all_diverged(tmp_path, monkeypatch):
+    mod = _load_script()
+    args = mod.build_parser().parse_args(["--out", str(tmp_path), "--choose-lr", "lora=1e-4/1e-2/1"])
+    losses = {1e-4: 2.0, 1e-2: 1.5, 1.0: float("nan")}
+    monkeypatch.setattr(mod, "run_trial", lambda a, name, lr: {"heldout_translation_loss": losses[lr]})
+    assert mod.choose_run_lrs(args) == "lora=0.01"
+    assert json.loads((tmp_path / "lr_search" / "lora.json").read_text())["chosen"] == 1e-2
+    losses.update({1e-4: float("inf"), 1e-2: float("nan")})
+    with pytest.raises(SystemExit, match="every trial diverged"):
+        mod.choose_run_lrs(args)
+
+
+def test_choose_lr_checks_before_training(setup, tmp_path):
+    """A selective run needs the table's base run; other settings in --out stop it before any trial."""
+    root, args = setup
+    mod = _load_script()
+    out = tmp_path / "fresh"
+    argv = [a if a != str(root / "out") else str(out) for a in args]
+    with pytest.raises(SystemExit, match="run 'base' first"):
+        mod.main([*argv, "--runs", "first_n", "--choose-lr", "first_n=1e-4/1e-3"])
+    assert not (out / "runs").exists()
+    out.mkdir(exist_ok=True)
+    (out / "settings.json").write_text(json.dumps({"steps": 999, "command": "x"}))
+    with pytest.raises(SystemExit, match="other settings"):
+        mod.main([*argv, "--runs", "lora", "--choose-lr", "lora=1e-4/1e-3"])
+    assert not (out / "lr_search").exists()
+    with pytest.raises(SystemExit, match="give --lr-grid or --choose-lr"):
+        mod.main([*argv, "--lr-grid-only"])
