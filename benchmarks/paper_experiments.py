@@ -686,9 +686,12 @@ def lr_trial(args: argparse.Namespace, lr: float, folder: Path) -> dict[str, Any
     trial.lr = lr
     settings = settings_of(trial)
     path = folder / f"lr{lr:g}.json"
-    if path.is_file() and comparable(json.loads(path.read_text()).get("settings") or {}) == comparable(settings):
+    old = _read_json_or_none(path) if path.is_file() else None  # a truncated trial is trained again
+    if (isinstance(old, dict) and isinstance(old.get("settings"), dict)
+            and isinstance(old.get("heldout_translation_loss"), float)
+            and comparable(old["settings"]) == comparable(settings)):
         print(f"[experiments] lr {lr:g}: done, skipped", file=sys.stderr)
-        return json.loads(path.read_text())
+        return old
     model, tokenizer = load_model(args.model, dtype=args.dtype,
                                   device="cuda" if torch.cuda.is_available() else None)
     torch.manual_seed(args.seed)

@@ -250,6 +250,13 @@ def test_lr_grid_picks_the_lowest_heldout_loss_and_resumes(setup, tmp_path, caps
     assert mod.main(argv) == 0
     err = capsys.readouterr().err
     assert "lr 0.0001: done, skipped" in err and "lr 0.03: done, skipped" in err
+    # a truncated trial file is trained again, not trusted and not a crash
+    trial = out / "lr_search" / "lr0.03.json"
+    trial.write_text(trial.read_text()[:40])
+    assert mod.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "lr 0.0001: done, skipped" in err and "lr 0.03: done, skipped" not in err
+    assert json.loads(trial.read_text())["heldout_translation_loss"] == losses[3e-2]  # the same training
     # --lr-grid-only chooses the lr (from the finished trials) and trains nothing else
     only = tmp_path / "lr_only"
     only.mkdir()
