@@ -568,5 +568,9 @@ def test_choose_lr_checks_before_training(setup, tmp_path):
     with pytest.raises(SystemExit, match="other settings"):
         mod.main([*argv, "--runs", "lora", "--choose-lr", "lora=1e-4/1e-3"])
     assert not (out / "lr_search").exists()
+    (out / "settings.json").write_text('{"steps": 9')  # truncated
+    with pytest.raises(SystemExit, match="unreadable"):
+        mod.main([*argv, "--runs", "lora", "--choose-lr", "lora=1e-4/1e-3"])
+    assert not (out / "lr_search").exists()
     with pytest.raises(SystemExit, match="give --lr-grid or --choose-lr"):
         mod.main([*argv, "--lr-grid-only"])
