@@ -29,7 +29,8 @@ steps and after the last one: then it resumes there (a run killed while being me
 is measured again, not trained again). ``--choose-lr RUN=LR/LR/...`` chooses a run's lr
 before the table: on the held-out translation loss, or on the English dev NLL for
 the runs that end on solutions (``translate_train``, ``two_stage``); a finished row at
-one of the grid's lrs counts as that trial. ``--save-adapters`` keeps each selective and LoRA run's trained adapter in
+one of the grid's lrs counts as that trial, and with ``--checkpoint-every`` a ``full``
+trial's trained model is ``two_stage``'s first stage at the same lr (not trained twice). ``--save-adapters`` keeps each selective and LoRA run's trained adapter in
 ``--out/adapters/NAME``. ``--table`` writes the markdown report from the JSONs.
 
     PYTHONPATH=src python3 benchmarks/paper_experiments.py --model gemma-3-270m --steps 300 \\
@@ -832,9 +833,37 @@ def run_trial(args: argparse.Namespace, name: str, lr: float) -> dict[str, Any]:
         trainable_model, tokenizer, data[key], batch_size=args.eval_batch_size, precision=resolved_precision(args)),
         "train_loss": timing["train_loss"], "train_seconds": timing["train_seconds"], "settings": settings_of(args)}
     _write_json(path, record)
+    if name == "full" and hand_over_to_two_stage(args, lr, run_dir):
+        print(f"[experiments] full lr {lr:g}: its last checkpoint is two_stage's first stage at this lr; "
+              "kept for that trial", file=sys.stderr)
     shutil.rmtree(run_dir, ignore_errors=True)
     print(f"[experiments] {name} lr {lr:g}: {criterion} {record[criterion]:.4f}", file=sys.stderr)
     return record
+
+
+def hand_over_to_two_stage(args: argparse.Namespace, lr: float, run_dir: Path) -> bool:
+    """Move a ``full`` trial's checkpoint folder to ``two_stage``'s trial at the same lr, as its stage 1.
+
+    ``full`` is ``two_stage``'s first stage alone: the same pairs in the same order, the
+    same seed and settings (the table's ``full`` row and ``two_stage``'s first stage have
+    equal losses at every step). So when ``--choose-lr`` also tries ``two_stage`` at this
+    lr and that trial has not run, its first stage resumes at the last step of this one
+    instead of training it again (a third of the grid's time on a CPU). The folder's
+    settings stamp goes with it, and ``train`` checks it as for any resume.
+    """
+    grid = parse_lr_map(getattr(args, "choose_lr", None), "--choose-lr", grid=True).get("two_stage", [])
+    if f"{lr:g}" not in {f"{v:g}" for v in grid} or not (run_dir / f"checkpoint-{args.steps}").is_dir():
+        return False
+    out = Path(args.out)
+    done = _read_json_or_none(out / "lr_search" / "two_stage" / f"lr{lr:g}.json")
+    if is_current(done, "two_stage", with_run_lr(args, "two_stage", lr)):
+        return False
+    stage1 = out / "checkpoints" / "lr_search" / "two_stage" / f"lr{lr:g}" / "stage1"
+    if stage1.exists():  # that trial started on its own; its own checkpoints stand
+        return False
+    stage1.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(run_dir, stage1)
+    return True
 
 
 # ----------------------------------------------------------------------------------------- report

@@ -437,6 +437,54 @@ def test_choose_lr_takes_each_runs_best_heldout_lr_and_keeps_the_other_rows(setu
     assert json.loads((out / "lr_search" / "lora.json").read_text()) == lora  # the 1e-4 row was redone: kept
 
 
+def test_a_full_trial_is_two_stages_first_stage_and_gives_the_same_choice(setup, tmp_path, capsys):
+    """--choose-lr full and two_stage: each full trial's model is handed to two_stage's trial at its lr as
+    stage 1, which then trains only stage 2; its criterion equals that of a two_stage trial trained whole."""
+    root, args = setup
+    mod = _load_script()
+    sft = _sft_file(tmp_path)
+
+    def argv(out):
+        return [*[a if a != str(root / "out") else str(out) for a in args], "--english-sft", str(sft),
+                "--english-dev", "2", "--max-length", "512", "--checkpoint-every", "2", "--lr-grid-only"]
+
+    shared, alone = tmp_path / "shared", tmp_path / "alone"
+    capsys.readouterr()
+    assert mod.main([*argv(shared), "--choose-lr", "full=0.02,two_stage=0.02"]) == 0
+    err = capsys.readouterr().err
+    assert "full lr 0.02: its last checkpoint is two_stage's first stage at this lr" in err
+    assert err.count("resuming at step 2 from") == 1  # two_stage's trial skipped its first stage
+    assert not any((shared / "checkpoints").rglob("*.safetensors"))  # every trial cleaned up after itself
+    assert mod.main([*argv(alone), "--choose-lr", "two_stage=0.02"]) == 0
+    assert "resuming" not in capsys.readouterr().err
+    handed, whole = (json.loads((d / "lr_search" / "two_stage.json").read_text()) for d in (shared, alone))
+    # stage 2 started from stage 1's trained weights (halving them in the handed-over checkpoint fails this)
+    assert handed["values"]["0.02"] == pytest.approx(whole["values"]["0.02"], rel=1e-6)
+
+
+def test_a_full_trial_is_handed_over_only_when_two_stage_still_needs_it(tmp_path):
+    mod = _load_script()
+    args = mod.build_parser().parse_args(["--out", str(tmp_path), "--steps", "4",
+                                          "--choose-lr", "full=1e-5/2e-5,two_stage=2e-5"])
+    run_dir = tmp_path / "checkpoints" / "lr_search" / "full" / "lr2e-05"
+    stage1 = tmp_path / "checkpoints" / "lr_search" / "two_stage" / "lr2e-05" / "stage1"
+    assert not mod.hand_over_to_two_stage(args, 1e-5, run_dir)  # two_stage does not try 1e-5
+    (run_dir / "checkpoint-2").mkdir(parents=True)
+    assert not mod.hand_over_to_two_stage(args, 2e-5, run_dir)  # no checkpoint of the last step
+    (run_dir / "checkpoint-4").mkdir()
+    stage1.mkdir(parents=True)
+    assert not mod.hand_over_to_two_stage(args, 2e-5, run_dir)  # two_stage's trial began on its own
+    stage1.rmdir()
+    trial = tmp_path / "lr_search" / "two_stage" / "lr2e-05.json"
+    trial.parent.mkdir(parents=True)
+    trial.write_text(json.dumps({"run": "two_stage", "lr": 2e-5, "english_dev_nll": 1.0,
+                                 "settings": mod.settings_of(args)}))
+    assert not mod.hand_over_to_two_stage(args, 2e-5, run_dir)  # that trial is already done
+    trial.write_text("{")  # a truncated one is not
+    assert mod.hand_over_to_two_stage(args, 2e-5, run_dir)
+    assert (stage1 / "checkpoint-4").is_dir() and not run_dir.exists()
+
+
 @pytest.mark.parametrize(("value", "extra", "message"), [
     ("full=abc", [], "must be numbers"),
     ("nope=1e-4", [], "is not RUN=LR"),
