@@ -30,7 +30,8 @@ is measured again, not trained again). ``--choose-lr RUN=LR/LR/...`` chooses a r
 before the table: on the held-out translation loss, or on the English dev NLL for
 the runs that end on solutions (``translate_train``, ``two_stage``); a finished row at
 one of the grid's lrs counts as that trial, and with ``--checkpoint-every`` a ``full``
-trial's trained model is ``two_stage``'s first stage at the same lr (not trained twice). ``--save-adapters`` keeps each selective and LoRA run's trained adapter in
+trial's trained model is ``two_stage``'s first stage at the same lr (not trained twice).
+``--save-adapters`` keeps each selective and LoRA run's trained adapter in
 ``--out/adapters/NAME``. ``--table`` writes the markdown report from the JSONs.
 
     PYTHONPATH=src python3 benchmarks/paper_experiments.py --model gemma-3-270m --steps 300 \\
@@ -848,7 +849,7 @@ def hand_over_to_two_stage(args: argparse.Namespace, lr: float, run_dir: Path) -
     same seed and settings (the table's ``full`` row and ``two_stage``'s first stage have
     equal losses at every step). So when ``--choose-lr`` also tries ``two_stage`` at this
     lr and that trial has not run, its first stage resumes at the last step of this one
-    instead of training it again (a third of the grid's time on a CPU). The folder's
+    instead of training it again (half of each such trial's time). The folder's
     settings stamp goes with it, and ``train`` checks it as for any resume.
     """
     grid = parse_lr_map(getattr(args, "choose_lr", None), "--choose-lr", grid=True).get("two_stage", [])
