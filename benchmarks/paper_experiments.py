@@ -676,7 +676,24 @@ def choose_lr(args: argparse.Namespace) -> float:
     best = min(results, key=results.get)
     _write_json(Path(args.out) / "lr_search.json", {"heldout_translation_loss": {f"{k:g}": v for k, v in results.items()},
                                                    "chosen": best, "settings": settings_of(args)})
+    if note := grid_edge_note(grid, best):
+        print(f"[experiments] slam: {note}", file=sys.stderr)
     return best
+
+
+def grid_edge_note(grid: Sequence[float], chosen: float) -> str:
+    """A warning when ``chosen`` is the end of its ``grid``: the best lr may lie beyond it ('' otherwise).
+
+    >>> grid_edge_note([1e-5, 2e-5, 5e-5], 1e-5)
+    "1e-05 is the grid's smallest lr: a smaller one may do better"
+    """
+    if len(set(grid)) < 2:
+        return ""
+    if chosen == min(grid):
+        return f"{chosen:g} is the grid's smallest lr: a smaller one may do better"
+    if chosen == max(grid):
+        return f"{chosen:g} is the grid's largest lr: a larger one may do better"
+    return ""
 
 
 def lr_trial(args: argparse.Namespace, lr: float, folder: Path) -> dict[str, Any]:
@@ -759,6 +776,8 @@ def choose_run_lrs(args: argparse.Namespace) -> str | None:
                      "chosen": best,
                      "settings": comparable(settings_of(args))})
         print(f"[experiments] {name}: chosen lr {best:g} ({criterion})", file=sys.stderr)
+        if note := grid_edge_note(grid, best):
+            print(f"[experiments] {name}: {note}", file=sys.stderr)
         lr_by_run = with_run_lr(argparse.Namespace(lr_by_run=lr_by_run), name, best).lr_by_run
     return lr_by_run
 
@@ -985,8 +1004,9 @@ def write_table(out: str | os.PathLike[str], md_path: str | os.PathLike[str], no
         values = ", ".join(f"{lr} -> {v:.4f}" for lr, v in choice["values"].items())
         stale = ("" if row_lr.get(choice["run"]) in (choice["chosen"], None) else
                  f" (its row was trained at {row_lr[choice['run']]:g}: run the command again)")
+        edge = grid_edge_note([float(lr) for lr in choice["values"]], choice["chosen"])
         lines += [f"The lr of `{choice['run']}` was chosen on the {_CRITERION_NAMES[choice['criterion']]}: "
-                  f"{values}; chosen {choice['chosen']:g}{stale}.", ""]
+                  f"{values}; chosen {choice['chosen']:g}{stale}" + (f" ({edge})" if edge else "") + ".", ""]
     dev = any("english_dev_nll" in r for r in runs)
     slam_time = next((_train_seconds(r) for r in runs if r["run"] == "slam"), None)
     lines += ["| run | layers | targets | lr | trainable | s/step | peak RSS MB | held-out transl. loss | "
@@ -1048,10 +1068,18 @@ def _lr_choices(out: str | os.PathLike[str], settings: dict[str, Any]) -> list[d
         if (isinstance(rec, dict) and rec.get("run") == path.stem and rec.get("criterion") in _CRITERION_NAMES
                 and isinstance(rec.get("values"), dict) and isinstance(rec.get("chosen"), float)
                 and all(isinstance(v, float) for v in rec["values"].values())
+                and all(_is_positive_number(lr) for lr in rec["values"])
                 and isinstance(rec.get("settings"), dict)
                 and comparable(rec["settings"]) == comparable({k: v for k, v in settings.items() if k != "command"})):
             found.append(rec)
     return found
+
+
+def _is_positive_number(text: str) -> bool:
+    try:
+        return math.isfinite(value := float(text)) and value > 0
+    except ValueError:
+        return False
 
 
 def _overlap_figure(runs: list[dict[str, Any]], path: str) -> str | None:

@@ -428,6 +428,10 @@ def test_choose_lr_takes_each_runs_best_heldout_lr_and_keeps_the_other_rows(setu
     text = mod.write_table(out, tmp_path / "t.md")
     assert "The lr of `lora` was chosen on the held-out translation loss: 0.0001 -> " in text
     assert "The lr of `translate_train` was chosen on the English dev NLL" in text
+    # both choices are their grid's largest lr: the page says the best may lie beyond
+    assert "chosen 0.05 (0.05 is the grid's largest lr: a larger one may do better)." in text
+    assert "chosen 0.02 (0.02 is the grid's largest lr: a larger one may do better)." in text
+    assert "lora: 0.05 is the grid's largest lr" in err
     # again: every trial and row is found, nothing trains
     capsys.readouterr()
     assert mod.main([*argv, "--runs", "lora", *choose]) == 0
@@ -588,6 +592,31 @@ def test_a_run_resumed_after_its_last_step_is_not_timed_rather_than_zero():
     assert mod._train_seconds(measured_only) is None
     assert mod._time_cell(measured_only, 400.0) == "not timed (resumed after training)"
     assert mod._time_cell({"kind": "none"}, 400.0) == "-"  # base: did not train
+
+
+@pytest.mark.parametrize("grid, chosen, expected", [
+    ([1e-5, 2e-5, 5e-5], 1e-5, "smallest lr: a smaller one"),
+    ([5e-5, 1e-5, 2e-5], 5e-5, "largest lr: a larger one"),
+    ([1e-5, 2e-5, 5e-5], 2e-5, ""),
+    ([3e-4], 3e-4, ""),  # one lr is no grid: nothing to widen
+    ([3e-4, 3e-4], 3e-4, ""),
+])
+def test_a_choice_at_the_end_of_its_grid_is_flagged(grid, chosen, expected):
+    note = _load_script().grid_edge_note(grid, chosen)
+    assert (expected in note) if expected else note == ""
+
+
+def test_a_choice_record_with_a_bad_lr_key_is_left_out_of_the_table(tmp_path):
+    mod = _load_script()
+    settings = {"model": "m"}
+    rec = {"run": "lora", "criterion": "heldout_translation_loss", "values": {"1e-4": 1.0, "fast": 0.9},
+           "chosen": 1e-4, "settings": settings}
+    (tmp_path / "lr_search").mkdir()
+    (tmp_path / "lr_search" / "lora.json").write_text(json.dumps(rec))
+    assert mod._lr_choices(tmp_path, settings) == []
+    rec["values"] = {"1e-4": 1.0, "3e-4": 0.9}
+    (tmp_path / "lr_search" / "lora.json").write_text(json.dumps(rec))
+    assert mod._lr_choices(tmp_path, settings) == [rec]
 
 
 def test_choose_lr_skips_diverged_trials_and_refuses_when_all_diverged(tmp_path, monkeypatch):
