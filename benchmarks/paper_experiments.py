@@ -1002,11 +1002,12 @@ def write_table(out: str | os.PathLike[str], md_path: str | os.PathLike[str], no
     row_lr = {r["run"]: record_lr(r) for r in runs}
     for choice in _lr_choices(out, settings):
         values = ", ".join(f"{lr} -> {v:.4f}" for lr, v in choice["values"].items())
-        stale = ("" if row_lr.get(choice["run"]) in (choice["chosen"], None) else
-                 f" (its row was trained at {row_lr[choice['run']]:g}: run the command again)")
-        edge = grid_edge_note([float(lr) for lr in choice["values"]], choice["chosen"])
+        remarks = [grid_edge_note([float(lr) for lr in choice["values"]], choice["chosen"])]
+        if row_lr.get(choice["run"]) not in (choice["chosen"], None):
+            remarks.append(f"its row was trained at {row_lr[choice['run']]:g}: run the command again")
+        remark = "; ".join(r for r in remarks if r)
         lines += [f"The lr of `{choice['run']}` was chosen on the {_CRITERION_NAMES[choice['criterion']]}: "
-                  f"{values}; chosen {choice['chosen']:g}{stale}" + (f" ({edge})" if edge else "") + ".", ""]
+                  f"{values}; chosen {choice['chosen']:g}" + (f" ({remark})" if remark else "") + ".", ""]
     dev = any("english_dev_nll" in r for r in runs)
     slam_time = next((_train_seconds(r) for r in runs if r["run"] == "slam"), None)
     lines += ["| run | layers | targets | lr | trainable | s/step | peak RSS MB | held-out transl. loss | "

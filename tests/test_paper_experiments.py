@@ -439,6 +439,11 @@ def test_choose_lr_takes_each_runs_best_heldout_lr_and_keeps_the_other_rows(setu
     assert "training" not in err and "running" not in err
     assert "lora lr 0.05: done, skipped" in err and "lora lr 0.0001: done, skipped" in err
     assert json.loads((out / "lr_search" / "lora.json").read_text()) == lora  # the 1e-4 row was redone: kept
+    # a choice its row does not match yet: the page says both things in one parenthesis
+    (out / "lr_search" / "lora.json").write_text(json.dumps({**lora, "chosen": 1e-4}))
+    text = mod.write_table(out, tmp_path / "t.md")
+    assert ("chosen 0.0001 (0.0001 is the grid's smallest lr: a smaller one may do better; "
+            "its row was trained at 0.05: run the command again).") in text
 
 
 def test_a_full_trial_is_two_stages_first_stage_and_gives_the_same_choice(setup, tmp_path, capsys):
