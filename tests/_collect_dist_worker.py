@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 from layerselect import ActivationStats  # noqa: E402
-from tiny import tiny_model, tiny_texts, tiny_tokenizer  # noqa: E402
+from tiny import end_distributed, tiny_model, tiny_texts, tiny_tokenizer  # noqa: E402
 
 
 def main(rank: int, world: int, port: str, out: str) -> None:
@@ -18,8 +18,7 @@ def main(rank: int, world: int, port: str, out: str) -> None:
     stats = ActivationStats.collect(tiny_model("llama"), tiny_tokenizer(), tiny_texts(5), batch_size=3, progress=False,
                                    per_sample_counts=True)  # int16: reduced as int32
     stats.save(os.path.join(out, f"rank{rank}"))
-    dist.barrier()  # every rank done before the group is torn down
-    dist.destroy_process_group()
+    end_distributed()
 
 
 if __name__ == "__main__":

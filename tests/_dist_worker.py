@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from layerselect.data import TranslationExample  # noqa: E402
 from layerselect.selective_ffn.config import SelectiveFFNConfig  # noqa: E402
 from layerselect.train import train_slam  # noqa: E402
-from tiny import tiny_model, tiny_tokenizer  # noqa: E402
+from tiny import end_distributed, tiny_model, tiny_tokenizer  # noqa: E402
 
 
 def main() -> None:
@@ -41,10 +41,7 @@ def main() -> None:
         **({"ddp_backend": "gloo"} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}),
     )
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        # an undestroyed gloo group can abort the process at exit ("terminate called without an
-        # active exception") once training is over, failing the run for nothing
-        torch.distributed.destroy_process_group()
+        end_distributed()
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from layerselect import ActivationStats  # noqa: E402
 from layerselect.distributed import gather_full, shard_slam_model, trainable_parameters  # noqa: E402
 from layerselect.selective_ffn import SelectiveFFNConfig, get_slam_model  # noqa: E402
-from tiny import tiny_model, tiny_texts, tiny_tokenizer  # noqa: E402
+from tiny import end_distributed, tiny_model, tiny_texts, tiny_tokenizer  # noqa: E402
 
 #: Large enough that a full copy (~116 MB in float32) stands far above allocator noise.
 BIG = dict(vocab_size=16000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
@@ -112,10 +112,7 @@ def main(rank: int, world: int, port: str, out: str) -> None:
 
     with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
         json.dump(result, fh)
-    # every rank done before any tears the group down: a rank leaving early has aborted the
-    # other at exit ("terminate called without an active exception") on a loaded machine
-    dist.barrier()
-    dist.destroy_process_group()
+    end_distributed()
 
 
 if __name__ == "__main__":

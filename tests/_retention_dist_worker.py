@@ -19,7 +19,7 @@ import layerselect.train.retention as retention  # noqa: E402
 from layerselect.selective_ffn import SelectiveFFNConfig  # noqa: E402
 from layerselect.train import RetentionGuard, train_slam  # noqa: E402
 from test_retention import PAIRS, RETAIN  # noqa: E402
-from tiny import tiny_model, tiny_tokenizer  # noqa: E402
+from tiny import end_distributed, tiny_model, tiny_tokenizer  # noqa: E402
 
 
 def main() -> None:
@@ -46,8 +46,7 @@ def main() -> None:
     rank = torch.distributed.get_rank()
     record = {**guard.summary(), "global_step": trainer.state.global_step, "measured_pairs": measured}
     (out / f"rank{rank}.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    end_distributed()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ Shared by the tests (and usable from benchmarks); nothing here touches the netwo
 from __future__ import annotations
 
 import functools
+import os
+import sys
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -121,3 +123,17 @@ def tiny_cli_files(root, pairs: int = 12):
     tiny_model("llama", dtype=torch.float32).save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
     return model_dir, f"pairs:{root / 'pairs'}"
+
+
+def end_distributed() -> None:
+    """End a worker rank: wait for every rank, destroy the group, leave without interpreter teardown.
+
+    gloo's worker threads outlive ``destroy_process_group`` (the group stays referenced outside
+    Python); tearing them down at interpreter shutdown now and then aborts a finished rank
+    ("terminate called without an active exception"). See docs/training.md (FSDP2).
+    """
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
